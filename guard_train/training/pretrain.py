@@ -1,0 +1,188 @@
+"""`guard-train build-base`: pretrain the embedded tiny SD on a stream of fresh lab scenes (no duplicates).
+
+Like SD is pretrained on LAION before anyone fine-tunes it, the tiny SD is pretrained here, offline, on an
+endless stream of scenes drawn from the *pretraining* cells of the photos (disjoint from the fine-tuning lab,
+see data/photos.py). The UNet and the text encoder are trained jointly (a frozen random text encoder hardly tells
+captions apart, stack-on-cpu.md §7); fine-tuning then freezes the text encoder, as SD does.
+
+Every step sees new images, so the base learns the distribution rather than instances. Weights are kept as an EMA
+(decay 0.999) and exported in diffusers layout; the run can be resumed from its own state or continued from an
+exported model (e.g. the committed one) to add more pretraining time.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import shutil
+import time
+from dataclasses import asdict, dataclass
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from diffusers import StableDiffusionPipeline
+from diffusers.training_utils import EMAModel, compute_snr
+from tqdm.auto import tqdm
+
+from guard_train.data.lab import pretrain_stream
+from guard_train.models.codec import PatchPCACodec
+from guard_train.models.tiny_sd import build_tiny_sd, clip_tokenizer, noise_scheduler
+
+EVAL_CAPTIONS = (
+    "a red circle on a cat photo",
+    "a blue square on a coffee photo",
+    "a yellow triangle and a green circle on a temple photo",
+    "a white square on a astronaut photo".replace("a astronaut", "an astronaut"),
+    "a purple circle on a flower photo",
+    "an orange triangle on a motorcycle photo",
+    "a black square and a red triangle on a cells photo",
+    "a green triangle on a coffee photo",
+)
+
+
+@dataclass
+class PretrainConfig:
+    out: str = "models/tiny-sd"
+    work: str = "runs/build-base"  # resumable trainer state (optimizer, raw weights), not committed
+    steps: int = 20000
+    batch_size: int = 16
+    lr: float = 5e-4
+    warmup: int = 200
+    ema_decay: float = 0.999
+    snr_gamma: float = 5.0
+    caption_dropout: float = 0.1
+    resolution: int = 64
+    latent_channels: int = 16
+    codec_fit_images: int = 2048
+    seed: int = 0
+    save_every: int = 500
+    sample_every: int = 1000
+    time_budget_min: float = 0.0  # stop (and export) after this many minutes; 0 = no limit
+    init_from: str = ""  # continue from an exported model dir (e.g. the committed base)
+
+
+def to_tensor(imgs: list[np.ndarray]) -> torch.Tensor:
+    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+
+
+def _export(pipe: StableDiffusionPipeline, ema: EMAModel, out: Path, meta: dict) -> None:
+    """Write the EMA weights as a diffusers pipeline dir, atomically (tmp dir + rename)."""
+    params = list(pipe.unet.parameters()) + list(pipe.text_encoder.parameters())
+    ema.store(params)
+    ema.copy_to(params)
+    tmp = out.with_name(out.name + ".tmp")
+    shutil.rmtree(tmp, ignore_errors=True)
+    pipe.save_pretrained(tmp)
+    (tmp / "build_info.json").write_text(json.dumps(meta, indent=2))
+    ema.restore(params)
+    if out.exists():
+        shutil.rmtree(out)
+    os.replace(tmp, out)
+
+
+@torch.no_grad()
+def sample_grid(pipe: StableDiffusionPipeline, captions, path: Path, n: int = 4, steps: int = 25, cfg: float = 5.0):
+    from PIL import Image
+
+    rows = []
+    for i, c in enumerate(captions):
+        g = torch.Generator().manual_seed(1234 + i)
+        ims = pipe(c, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=cfg, generator=g,
+                   height=pipe.vae.config.sample_size, width=pipe.vae.config.sample_size, output_type="np").images
+        rows.append(np.concatenate(list((ims * 255).round().astype(np.uint8)), 1))
+    Image.fromarray(np.concatenate(rows, 0)).save(path)
+
+
+def build_base(cfg: PretrainConfig) -> Path:
+    torch.manual_seed(cfg.seed)
+    out, work = Path(cfg.out), Path(cfg.work)
+    work.mkdir(parents=True, exist_ok=True)
+    t0 = time.time()
+    state_path = work / "trainer_state.pt"
+    if cfg.init_from:
+        pipe = StableDiffusionPipeline.from_pretrained(cfg.init_from, safety_checker=None, local_files_only=True)
+        prev = json.loads((Path(cfg.init_from) / "build_info.json").read_text())
+    else:
+        tok = clip_tokenizer(work)
+        fit_imgs = [im for im, _ in islice(pretrain_stream(cfg.seed + 10_000, cfg.resolution), cfg.codec_fit_images)]
+        codec = PatchPCACodec(latent_channels=cfg.latent_channels, sample_size=cfg.resolution).fit(to_tensor(fit_imgs))
+        pipe = build_tiny_sd(codec, tok, seed=cfg.seed)
+        prev = {}
+    unet, te, codec, tok = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
+    unet.train()
+    te.train()
+    params = list(unet.parameters()) + list(te.parameters())
+    opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=1e-2)
+    ema = EMAModel(params, decay=cfg.ema_decay)
+    sched = noise_scheduler(pipe)
+    step = 0
+    if state_path.exists() and not cfg.init_from:
+        st = torch.load(state_path, weights_only=True)
+        unet.load_state_dict(st["unet"])
+        te.load_state_dict(st["te"])
+        opt.load_state_dict(st["opt"])
+        ema.load_state_dict(st["ema"])
+        step = st["step"]
+    prior_steps = int(prev.get("total_steps", 0))
+    stream = pretrain_stream(cfg.seed, cfg.resolution, start=step * cfg.batch_size)
+    empty = tok("", padding="max_length", max_length=77, return_tensors="pt").input_ids
+    gen = torch.Generator().manual_seed(cfg.seed + step)
+    bar = tqdm(total=cfg.steps, initial=step, desc="build-base", mininterval=30)
+    losses: list[float] = []
+
+    def meta() -> dict:
+        return {
+            **asdict(cfg),
+            "steps_this_run": step,
+            "total_steps": prior_steps + step,
+            "wall_s_this_run": round(time.time() - t0, 1),
+            "wall_s_total": round(float(prev.get("wall_s_total", 0)) + time.time() - t0, 1),
+            "final_loss_ema100": float(np.mean(losses[-100:])) if losses else None,
+            "torch": torch.__version__,
+        }
+
+    while step < cfg.steps:
+        batch = list(islice(stream, cfg.batch_size))
+        caps = [c if torch.rand((), generator=gen) > cfg.caption_dropout else "" for _, c in batch]
+        ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        with torch.no_grad():
+            z = codec.encode(to_tensor([im for im, _ in batch])).latent_dist.sample() * codec.config.scaling_factor
+        noise = torch.randn(z.shape, generator=gen)
+        t = torch.randint(0, sched.config.num_train_timesteps, (z.shape[0],), generator=gen)
+        pred = unet(sched.add_noise(z, noise, t), t, te(ids)[0]).sample
+        snr = compute_snr(sched, t)
+        w = torch.clamp(snr, max=cfg.snr_gamma) / snr  # min-SNR-γ weighting (Hang et al. 2023), epsilon target
+        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+        for g in opt.param_groups:
+            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+        ema.step(params)
+        step += 1
+        losses.append(loss.item())
+        bar.update(1)
+        if step % 100 == 0:
+            bar.set_postfix(loss=f"{np.mean(losses[-100:]):.4f}")
+            with open(work / "loss.jsonl", "a") as f:
+                f.write(json.dumps({"step": prior_steps + step, "loss": float(np.mean(losses[-100:])),
+                                    "wall_s": round(time.time() - t0, 1)}) + "\n")
+        out_of_time = cfg.time_budget_min and (time.time() - t0) > 60 * cfg.time_budget_min
+        if step % cfg.save_every == 0 or step == cfg.steps or out_of_time:
+            _export(pipe, ema, out, meta())
+            torch.save({"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
+                        "ema": ema.state_dict(), "step": step}, str(state_path) + ".tmp")
+            os.replace(str(state_path) + ".tmp", state_path)
+        if step % cfg.sample_every == 0 or step == cfg.steps or out_of_time:
+            p = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, local_files_only=True)
+            p.set_progress_bar_config(disable=True)
+            sample_grid(p, EVAL_CAPTIONS, work / f"samples_{prior_steps + step:06d}.png")
+        if out_of_time:
+            break
+    bar.close()
+    return out
