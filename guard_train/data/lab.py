@@ -170,6 +170,7 @@ class LabItem:
     caption_mode: str  # "dup_both" | "dup_image" | "unique"
     attributes: dict = field(default_factory=dict)
     photo: str = ""
+    cell: list = field(default_factory=list)  # [y, x, size] of the photo cell the background was cropped from
 
 
 @dataclass
@@ -191,7 +192,7 @@ def build_lab(cfg: LabConfig) -> Lab:
     rng = np.random.default_rng([cfg.seed, 1])
     pool = list(photos.cells("lab"))
     order = rng.permutation(len(pool))[: cfg.num_instances + cfg.held_out]
-    scenes, bgs, seen = [], [], set()
+    scenes, bgs, seen, cell_of = [], [], set(), []
     for j in order:
         cell = pool[int(j)]
         bg = photos.crop(cell, rng, scale=(0.85, 0.85), out_px=cfg.resolution)
@@ -202,6 +203,7 @@ def build_lab(cfg: LabConfig) -> Lab:
                 break
         scenes.append(sc)
         bgs.append(bg)
+        cell_of.append([cell.y, cell.x, cell.size])
     n_dup = int(round(cfg.dup_fraction * cfg.num_instances))
     dup_ids = set(int(i) for i in rng.choice(cfg.num_instances, size=n_dup, replace=False)) if n_dup else set()
     dup_image_ids = set(sorted(dup_ids)[: int(round(cfg.dup_image_fraction * n_dup))])
@@ -222,7 +224,7 @@ def build_lab(cfg: LabConfig) -> Lab:
                 LabItem(
                     id=len(items), instance=inst, caption=scenes[inst].caption(tpl), is_dup=is_dup,
                     copy_kind=kind, caption_mode=mode, attributes=scenes[inst].attributes(),
-                    photo=scenes[inst].photo,
+                    photo=scenes[inst].photo, cell=cell_of[inst],
                 )
             )
             images.append(im)
@@ -230,7 +232,8 @@ def build_lab(cfg: LabConfig) -> Lab:
     for k, inst in enumerate(range(cfg.num_instances, cfg.num_instances + cfg.held_out)):
         held.append(
             LabItem(id=k, instance=inst, caption=scenes[inst].caption(), is_dup=False, copy_kind="original",
-                    caption_mode="held_out", attributes=scenes[inst].attributes(), photo=scenes[inst].photo)
+                    caption_mode="held_out", attributes=scenes[inst].attributes(), photo=scenes[inst].photo,
+                    cell=cell_of[inst])
         )
         held_imgs.append(draw(bgs[inst], scenes[inst]))
     return Lab(cfg, items, images, held, held_imgs)
@@ -292,3 +295,16 @@ def _write_manifest(lab: Lab, root: Path) -> None:
 def read_manifest(root: str | Path) -> list[LabItem]:
     with open(Path(root) / "manifest.jsonl") as f:
         return [LabItem(**json.loads(line)) for line in f]
+
+
+def same_caption_new_instance(lab: Lab, instance: int, rng: np.random.Generator) -> np.ndarray:
+    """What a model that generalises (rather than copies) would draw for this instance's caption: the same shapes
+    on a new crop of the same photo, from another lab cell. Used to calibrate the copy metric."""
+    it = next(i for i in lab.items if i.instance == instance and i.copy_kind == "original")
+    shapes = tuple(Shape(k, c, 0, 0, 0) for c, k in it.attributes["shapes"])
+    others = [c for c in photos.cells("lab") if c.photo == it.photo and [c.y, c.x, c.size] != it.cell]
+    cell = others[int(rng.integers(len(others)))]
+    bg = photos.crop(cell, rng, scale=(0.85, 0.85), out_px=lab.config.resolution)
+    scene = random_scene(rng, it.photo, lab.config.resolution)
+    placed = tuple(Shape(s.kind, s.color, p.cx, p.cy, p.size) for s, p in zip(shapes, scene.shapes + scene.shapes))
+    return draw(bg, Scene(it.photo, placed))

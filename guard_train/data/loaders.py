@@ -230,3 +230,45 @@ def build_dataset(source: str, path: str, image_column: str, caption_column: str
 
 def write_bad_items(bad: list[tuple[int, str]], path: Path) -> None:
     path.write_text(json.dumps([{"id": i, "error": e} for i, e in bad], indent=1))
+
+
+class StreamingImageCaptionDataset(torch.utils.data.IterableDataset):
+    """For sets that do not fit in memory: HF `streaming=True`, split across ranks (`split_dataset_by_node`),
+    shuffled with a seeded buffer per epoch, decoded defensively like the map-style path. Resume = skip the first
+    `start` items of this rank's stream. Ids are the stream position × world + rank unless an id column is set."""
+
+    def __init__(self, source: str, path: str, image_column: str, caption_column: str, id_column: str,
+                 transform: Callable, seed: int, rank: int, world: int, shuffle_buffer: int = 1000):
+        import datasets
+        from datasets.distributed import split_dataset_by_node
+
+        builder = {"imagefolder": "imagefolder", "parquet": "parquet", "webdataset": "webdataset"}.get(source)
+        if builder is None:
+            raise DataError(f"data.streaming supports imagefolder, parquet and webdataset, not {source!r}")
+        kw = {"data_dir": path} if source == "imagefolder" else {"data_files": sorted(glob.glob(path)) or [path]}
+        ds = datasets.load_dataset(builder, split="train", streaming=True, **kw)
+        if image_column in (ds.features or {}) and isinstance(ds.features[image_column], datasets.Image):
+            ds = ds.cast_column(image_column, datasets.Image(decode=False))
+        self.ds = split_dataset_by_node(ds, rank=rank, world_size=world).shuffle(seed=seed, buffer_size=shuffle_buffer)
+        self.cols = (image_column, caption_column, id_column)
+        self.transform, self.seed, self.rank, self.world = transform, seed, rank, world
+        self.root = Path(path) if Path(path).is_dir() else Path(path).parent
+        self.epoch, self.start = 0, 0
+
+    def set_epoch(self, epoch: int) -> None:
+        self.epoch, self.start = epoch, 0
+        self.ds.set_epoch(epoch)
+
+    def start_at(self, k: int) -> None:
+        self.start = k
+
+    def __iter__(self):
+        img_c, cap_c, id_c = self.cols
+        for j, row in enumerate(self.ds):
+            if j < self.start:
+                continue
+            rid = int(row[id_c]) if id_c else j * self.world + self.rank
+            one = ImageCaptionDataset(1, lambda _: Record(rid, row.get(cap_c), row.get(img_c), self.root),
+                                      self.transform, self.seed)
+            one.epoch = self.epoch
+            yield one[0]

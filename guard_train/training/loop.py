@@ -90,6 +90,14 @@ def make_dataset(cfg: Config, run_dir: Path, acc: Accelerator) -> tuple[loaders.
     """Returns (dataset, lab root or None). The lab is written as an imagefolder once (rank 0) and read back."""
     d = cfg.data
     tf = loaders.image_transform(d.resolution, d.center_crop, d.random_flip)
+    if d.streaming:
+        if d.num_workers:
+            raise ConfigError("data.streaming needs data.num_workers=0 (each worker would re-read the whole shard)")
+        if not cfg.train.max_steps:
+            raise ConfigError("data.streaming needs train.max_steps (a stream has no known epoch length)")
+        ds = loaders.StreamingImageCaptionDataset(d.source, d.path, d.image_column, d.caption_column, d.id_column, tf,
+                                                  cfg.train.seed, acc.process_index, acc.num_processes)
+        return ds, None
     if d.source == "lab":
         root = run_dir / "data"
         with acc.main_process_first():
@@ -343,11 +351,14 @@ class Trainer:
     def train(self) -> dict:
         cfg, t, acc = self.cfg, self.cfg.train, self.acc
         self.dataset, self.lab_root = make_dataset(cfg, self.run_dir, acc)
-        n = len(self.dataset)
-        make_sampler = self.hooks.sampler_factory or (
-            lambda n, seed, rank, world, bs: EpochShardSampler(n, seed, rank, world, bs))
-        self.sampler = make_sampler(n, t.seed, self.rank, self.world, t.batch_size)
-        self.steps_per_epoch = max(1, len(self.sampler) // t.batch_size // t.gradient_accumulation_steps)
+        self.streaming = isinstance(self.dataset, torch.utils.data.IterableDataset)
+        if self.streaming:  # the stream shards itself across ranks; epoch length unknown (max_steps required)
+            self.sampler, self.steps_per_epoch = self.dataset, 1
+        else:
+            make_sampler = self.hooks.sampler_factory or (
+                lambda n, seed, rank, world, bs: EpochShardSampler(n, seed, rank, world, bs))
+            self.sampler = make_sampler(len(self.dataset), t.seed, self.rank, self.world, t.batch_size)
+            self.steps_per_epoch = max(1, len(self.sampler) // t.batch_size // t.gradient_accumulation_steps)
         self._setup_model()
         self.gen = torch.Generator().manual_seed(t.seed * 1_000_003 + 7919 * (self.rank + 1))  # per-rank noise
         self.vae_gen = torch.Generator().manual_seed(t.seed * 1_000_003 + 104_729 * (self.rank + 1))
@@ -372,10 +383,11 @@ class Trainer:
             self.sampler.set_epoch(self.epoch)
             self.dataset.epoch = self.epoch  # per-epoch crop/flip randomness
             self.sampler.start_at(self.items_done)
-            dl = torch.utils.data.DataLoader(self.dataset, batch_size=t.batch_size, sampler=self.sampler,
+            dl = torch.utils.data.DataLoader(self.dataset, batch_size=t.batch_size,
+                                             sampler=None if self.streaming else self.sampler,
                                              collate_fn=loaders.collate, num_workers=cfg.data.num_workers,
                                              drop_last=True)
-            for batch in dl:
+            for batch in self._batches(dl):
                 self.items_done += t.batch_size
                 self.bad += batch["bad"]
                 good_seen += len(batch["ids"])
@@ -436,6 +448,20 @@ class Trainer:
 
         if dist.is_available() and dist.is_initialized():
             dist.destroy_process_group()  # avoids the intermittent SIGABRT at DDP exit (stack-on-cpu.md §4)
+
+    def _batches(self, dl):
+        """Map-style shards are equal by construction. Streams may differ by a batch between ranks: every rank then
+        stops the epoch when any rank runs out, so no rank waits in an all-reduce that others never join."""
+        if not self.streaming or self.world == 1:
+            yield from dl
+            return
+        it = iter(dl)
+        while True:
+            batch = next(it, None)
+            out = self.acc.reduce(torch.tensor([float(batch is None)], device=self.acc.device), "max")
+            if out.item() > 0:
+                return
+            yield batch
 
     def _log(self, window: list[dict], t0: float) -> None:
         acc = self.acc

@@ -1,0 +1,77 @@
+import subprocess
+
+import pytest
+
+from conftest import PY, ROOT
+from guard_train.config.loader import ConfigError, all_keys, load_config
+
+
+def test_defaults_and_overrides():
+    cfg = load_config(["recipe=tiny", "train.learning_rate=3e-4", "resume=latest", "data.lab.dup_repeats=8"])
+    assert cfg.recipe == "tiny"
+    assert cfg.train.learning_rate == pytest.approx(3e-4)
+    assert cfg.run.resume == "latest"  # alias
+    assert cfg.data.lab.dup_repeats == 8
+    assert cfg.train.mode == "full"  # from recipes/tiny.yaml, not the schema default
+
+
+@pytest.mark.parametrize(
+    "args, needle",
+    [
+        (["recipe=nope"], "unknown recipe 'nope'. Available recipes: "),
+        (["train.lerning_rate=1e-4"], "Did you mean 'train.learning_rate'?"),
+        (["train.batch_size=abc"], "wrong type for 'train.batch_size'"),
+        (["train.learning_rate=-1"], "train.learning_rate must be > 0"),
+        (["data.caption_dropout=1.5"], "data.caption_dropout must be in [0, 1)"),
+        (["train.mode=qlora"], "train.mode must be 'lora' or 'full'"),
+        (["data.lab.dup_fraction=2"], "lab.dup_fraction must be in [0, 1]"),
+        (["model.path=/no/such/dir"], "model.path '/no/such/dir' does not exist"),
+        (["model.path=someone/not-cached-model"], "not in the local Hugging Face cache"),
+        (["data.source=parquet"], "data.path is required for data.source=parquet"),
+        (["data.source=parquet", "data.path=/no/laion/*.parquet"], "does not exist"),
+        (["recipe=laion10k"], "data.path is required"),
+        (["train.lr_scheduler=warp"], "train.lr_scheduler 'warp' is not one of"),
+        (["bogus"], "arguments are key=value"),
+    ],
+)
+def test_bad_config_messages(args, needle):
+    with pytest.raises(ConfigError) as e:
+        load_config(args)
+    assert needle in str(e.value)
+
+
+def test_all_keys_cover_nested_lab():
+    keys = all_keys()
+    assert "data.lab.dup_repeats" in keys and "train.learning_rate" in keys and "run.resume" in keys
+
+
+def test_cli_exit_code_2_and_nothing_written(tmp_path):
+    out = tmp_path / "runs"
+    r = subprocess.run([PY, "train.py", "recipe=tiny", "train.lerning_rate=1e-4", f"run.output_dir={out}"],
+                       cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2
+    assert "unknown config key 'train.lerning_rate'" in r.stderr and "train.learning_rate" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert not out.exists()
+
+
+def test_refuses_to_reuse_a_run_dir(tmp_path):
+    from guard_train.training.loop import _decide_run_dir
+
+    cfg = load_config(["recipe=tiny", f"run.output_dir={tmp_path}", "run.name=x"])
+    (tmp_path / "x").mkdir()
+    (tmp_path / "x" / "config.yaml").write_text("old run")
+    with pytest.raises(ConfigError, match="already holds a run"):
+        _decide_run_dir(cfg)
+    assert (tmp_path / "x" / "config.yaml").read_text() == "old run"  # nothing lost
+
+
+def test_accelerate_configs_parse():
+    import yaml
+
+    for p in (ROOT / "accelerate_configs").glob("*.yaml"):
+        d = yaml.safe_load(p.read_text())
+        assert d["distributed_type"] in ("NO", "MULTI_GPU", "FSDP", "DEEPSPEED"), p
+        assert isinstance(d["num_processes"], int)
+    two = yaml.safe_load((ROOT / "accelerate_configs" / "cpu_2proc.yaml").read_text())
+    assert two["distributed_type"] == "MULTI_GPU" and two["num_processes"] == 2  # not MULTI_CPU / --cpu (1 process)

@@ -1,0 +1,80 @@
+import json
+import subprocess
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import BASE, PY, ROOT
+from guard_train.models.codec import PatchPCACodec
+
+
+def test_codec_is_orthonormal_pca_and_roundtrips():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(32, 3, 16, 16, generator=g) * 2 - 1
+    c = PatchPCACodec(latent_channels=48, sample_size=16).fit(x)  # full rank: exact reconstruction
+    W = c.basis
+    assert torch.allclose(W.T @ W, torch.eye(48), atol=1e-5)
+    z = c.encode(x).latent_dist.sample()
+    assert z.shape == (32, 48, 4, 4)
+    assert torch.allclose(c.decode(z).sample, x, atol=1e-4)
+    # z is exactly W^T (v - mu) of the 4x4 patch vectors
+    v = torch.nn.functional.pixel_unshuffle(x, 4)[0, :, 1, 2]
+    assert torch.allclose(z[0, :, 1, 2], W.T @ (v - c.mean), atol=1e-5)
+    k8 = PatchPCACodec(latent_channels=8, sample_size=16).fit(x)
+    err = (k8.decode(k8.encode(x).latent_dist.mode()).sample - x).pow(2).mean()
+    assert 0 < err < x.var()  # lossy but better than nothing
+    assert k8.config.scaling_factor == pytest.approx(1 / k8.encode(x).latent_dist.mode().std().item(), rel=1e-4)
+
+
+def test_codec_rejects_bad_sizes():
+    with pytest.raises(ValueError, match="multiple of the codec's patch size"):
+        PatchPCACodec().encode(torch.zeros(1, 3, 10, 10))
+
+
+@pytest.mark.skipif(not (BASE / "model_index.json").exists(), reason="committed base missing")
+def test_committed_base_loads_offline_and_has_sd_layout():
+    from guard_train.models.loading import load_pipeline
+
+    pipe = load_pipeline(str(BASE))
+    attn2 = [n for n in pipe.unet.attn_processors if n.endswith("attn2.processor")]
+    assert len(attn2) == 11
+    assert {n.split(".")[0] for n in attn2} == {"down_blocks", "mid_block", "up_blocks"}
+    assert pipe.tokenizer("a photo of an astronaut").input_ids == [49406, 320, 1125, 539, 550, 18376, 49407]
+    assert pipe.tokenizer.model_max_length == 77 and pipe.tokenizer.pad_token_id == 49407
+    size = sum(f.stat().st_size for f in BASE.rglob("*") if f.is_file())
+    assert size <= 30 * 2**20
+    assert all(not f.name.endswith((".bin", ".pt", ".pkl")) for f in BASE.rglob("*"))  # safetensors only
+    info = json.loads((BASE / "build_info.json").read_text())
+    assert info["total_steps"] > 0
+
+
+@pytest.mark.skipif(not (BASE / "model_index.json").exists(), reason="committed base missing")
+def test_plain_diffusers_from_pretrained_in_fresh_process():
+    code = (
+        "import guard_train.models.codec\n"  # registers the codec's module for diffusers (docs/base-model.md)
+        "from diffusers import StableDiffusionPipeline\n"
+        f"p = StableDiffusionPipeline.from_pretrained({str(BASE)!r}, local_files_only=True)\n"
+        "im = p('a red circle on a cat photo', num_inference_steps=2, output_type='np').images\n"
+        "print(im.shape)\n"
+    )
+    r = subprocess.run([PY, "-c", code], capture_output=True, text=True, timeout=120,
+                       env={"HF_HUB_OFFLINE": "1", "PATH": "/usr/bin:/bin"})
+    assert r.returncode == 0, r.stderr[-2000:]
+    assert "(1, 64, 64, 3)" in r.stdout
+
+
+@pytest.mark.skipif(not (BASE / "model_index.json").exists(), reason="committed base missing")
+def test_codec_keeps_copies_detectable():
+    """SSCD(reconstruction, original) on lab images: the ceiling any copy can reach through the codec."""
+    from guard_train.data.lab import LabConfig, build_lab
+    from guard_train.metrics.embed import get_embedder
+
+    codec = PatchPCACodec.from_pretrained(str(BASE / "vae"))
+    imgs = np.stack(build_lab(LabConfig(num_instances=32, held_out=0, dup_fraction=0)).images)
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+    rec = codec.decode(codec.encode(x).latent_dist.mode()).sample
+    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+    e = get_embedder("sscd")
+    sims = np.sum(e.embed(rec) * e.embed(imgs), 1)
+    assert np.median(sims) >= 0.8

@@ -1,0 +1,98 @@
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from conftest import read_metrics, small_lab_args
+from guard_train.config.loader import load_config
+from guard_train.training.loop import train
+
+
+def test_short_run_loss_decreases(tmp_path, tiny_sd_dir):
+    res = train(load_config(small_lab_args(tmp_path, tiny_sd_dir, **{
+        "run.name": "r", "train.max_steps": 40, "train.learning_rate": 1e-3, "train.lr_warmup_steps": 0})))
+    losses = [m["loss"] for m in read_metrics(res["run_dir"])]
+    assert len(losses) == 40
+    assert np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8])
+    run = tmp_path / "r"
+    assert (run / "config.yaml").exists() and (run / "final" / "unet").is_dir() and (run / "data" / "manifest.jsonl").exists()
+    assert json.loads((run / "bad_items.json").read_text()) == []
+
+
+def test_resume_continues_the_same_loss_sequence_and_weights(tmp_path, tiny_sd_dir):
+    common = {"train.max_steps": 12, "train.checkpoint_every": 5, "train.learning_rate": 5e-4}
+    train(load_config(small_lab_args(tmp_path, tiny_sd_dir, **common, **{"run.name": "straight"})))
+    # interrupted at step 5 (the epoch has 7 batches, so the resume is mid-epoch and then crosses an epoch)
+    train(load_config(small_lab_args(tmp_path, tiny_sd_dir, **{**common, "train.max_steps": 5, "run.name": "cut"})))
+    train(load_config(small_lab_args(tmp_path, tiny_sd_dir, **common, **{"run.name": "cut", "resume": "latest"})))
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "cut")
+    assert [m["step"] for m in b] == list(range(1, 13))
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    from safetensors.torch import load_file
+
+    wa = load_file(tmp_path / "straight/final/unet/diffusion_pytorch_model.safetensors")
+    wb = load_file(tmp_path / "cut/final/unet/diffusion_pytorch_model.safetensors")
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)
+    ckpts = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
+    assert ckpts == ["checkpoint-10", "checkpoint-12"]  # total_limit 2, all complete
+
+
+def test_lora_save_and_load_lora_weights_gives_same_images(tmp_path, tiny_sd_dir):
+    from guard_train.metrics.memorization import generate
+    from guard_train.models.loading import load_pipeline
+    from guard_train.training.loop import Trainer
+
+    cfg = load_config(small_lab_args(tmp_path, tiny_sd_dir, **{
+        "run.name": "lora", "train.mode": "lora", "train.lora_rank": 4, "train.max_steps": 6,
+        "train.learning_rate": 5e-3}))
+    trainer = Trainer(cfg)
+    trainer.train()
+    caps = ["a red circle on a cat photo"]
+    mem = generate(trainer.pipeline(), caps, n=2, steps=4, guidance=5.0, seed=0)
+    trainer.close()
+    final = tmp_path / "lora" / "final"
+    assert (final / "pytorch_lora_weights.safetensors").exists()
+    pipe = load_pipeline(str(tiny_sd_dir))
+    pipe.set_progress_bar_config(disable=True)
+    base = generate(pipe, caps, n=2, steps=4, guidance=5.0, seed=0)
+    pipe.load_lora_weights(str(final))
+    reloaded = generate(pipe, caps, n=2, steps=4, guidance=5.0, seed=0)
+    assert np.abs(reloaded.astype(int) - mem.astype(int)).max() <= 1
+    assert np.abs(base.astype(int) - mem.astype(int)).max() > 1  # the LoRA changed the model
+
+
+def test_streaming_run_and_training_options(tmp_path, tiny_sd_dir):
+    """Streaming parquet + LoRA + grad accumulation + EMA + min-SNR + noise offset + AdamW8bit + checkpointing + bf16."""
+    from guard_train.data.lab import LabConfig, build_lab, write_parquet
+
+    p = write_parquet(build_lab(LabConfig(num_instances=16, held_out=0)), tmp_path / "pq" / "train.parquet")
+    res = train(load_config(small_lab_args(tmp_path, tiny_sd_dir, **{
+        "run.name": "opts", "data.source": "parquet", "data.path": str(p), "data.streaming": "true",
+        "data.id_column": "id", "train.mode": "lora", "train.max_steps": 6, "train.gradient_accumulation_steps": 2,
+        "train.ema": "true", "train.snr_gamma": 5.0, "train.noise_offset": 0.05, "train.optimizer": "adamw8bit",
+        "train.gradient_checkpointing": "true", "train.mixed_precision": "bf16", "train.learning_rate": 1e-3})))
+    m = read_metrics(res["run_dir"])
+    assert [x["step"] for x in m] == list(range(1, 7)) and all(np.isfinite(x["loss"]) for x in m)
+    assert (tmp_path / "opts" / "final" / "pytorch_lora_weights.safetensors").exists()
+
+
+def test_loss_weighting_hook_drops_samples(tmp_path, tiny_sd_dir):
+    from guard_train.training.hooks import Hooks
+    from guard_train.training.loop import Trainer
+
+    seen = []
+
+    def drop_first(ctx):
+        seen.append((ctx.ids.clone(), ctx.per_sample_loss.detach().clone(), ctx.timesteps.clone()))
+        w = torch.ones_like(ctx.per_sample_loss)
+        w[0] = 0
+        return w
+
+    t = Trainer(load_config(small_lab_args(tmp_path, tiny_sd_dir, **{"run.name": "hook", "train.max_steps": 3})),
+                Hooks(loss_weighting=[drop_first]))
+    t.train()
+    t.close()
+    m = read_metrics(tmp_path / "hook")
+    assert [x["kept"] for x in m] == [0.75, 0.75, 0.75]
+    assert len(seen) == 3 and all(len(ids) == 4 and per.shape == (4,) for ids, per, _ in seen)
