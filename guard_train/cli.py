@@ -62,6 +62,10 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--minutes", type=float, default=0.0, help="time budget; export and stop when reached")
     b.add_argument("--init-from", default="", help="continue from an exported model dir")
     b.add_argument("--seed", type=int, default=0)
+    sc = sub.add_parser("build-scorer", help="train the lab alignment scorer (attribute classifier)")
+    sc.add_argument("--out", default="models/lab-scorer")
+    sc.add_argument("--steps", type=int, default=1500)
+    sc.add_argument("--seed", type=int, default=0)
     lab = sub.add_parser("make-lab", help="write the lab dataset (imagefolder or parquet) with its manifest")
     lab.add_argument("--out", required=True)
     lab.add_argument("--format", choices=["imagefolder", "parquet"], default="imagefolder")
@@ -77,6 +81,20 @@ def main(argv: list[str] | None = None) -> int:
 
         build_base(PretrainConfig(out=args.out, work=args.work, steps=args.steps, time_budget_min=args.minutes,
                                   init_from=args.init_from, seed=args.seed))
+        return 0
+    if args.cmd == "build-scorer":
+        import json
+
+        import numpy as np
+
+        from guard_train.data.lab import LabConfig, build_lab
+        from guard_train.metrics.alignment import evaluate, train_scorer
+
+        aligner = train_scorer(steps=args.steps, seed=args.seed)
+        lab_obj = build_lab(LabConfig(num_instances=96, held_out=0, dup_fraction=0))
+        aligner.info["heldout_lab"] = evaluate(aligner, np.stack(lab_obj.images), [i.caption for i in lab_obj.items])
+        aligner.save(args.out)
+        print(json.dumps(aligner.info, indent=1))
         return 0
     if args.cmd == "make-lab":
         from dataclasses import fields

@@ -12,6 +12,8 @@ from guard_train.data.lab import read_manifest
 from guard_train.metrics.embed import get_embedder
 from guard_train.metrics.memorization import Probe, memorization_summary
 
+SCORER_DIR = Path(__file__).resolve().parents[2] / "models" / "lab-scorer"
+
 
 def lab_probes(lab_root: Path, max_per_group: int, seed: int = 0) -> tuple[list[Probe], np.ndarray, list[int]]:
     """One probe per distinct training instance (its original image and caption), up to max_per_group per group;
@@ -36,8 +38,13 @@ def run_summary(trainer) -> dict:
     pipe = trainer.pipeline()
     trainer.unet.eval()
     embedder = get_embedder(s.backend) if acc.is_main_process else None
+    aligner = None
+    if acc.is_main_process and (SCORER_DIR / "model.safetensors").exists():
+        from guard_train.metrics.alignment import LabAligner
+
+        aligner = LabAligner.load(SCORER_DIR)
     res = memorization_summary(pipe, probes, train_images, keys, embedder, acc, s.images_per_prompt, s.steps,
-                               s.guidance_scale, s.probe_timestep, s.copy_threshold, cfg.train.seed)
+                               s.guidance_scale, s.probe_timestep, s.copy_threshold, cfg.train.seed, aligner=aligner)
     trainer.unet.train()
     if acc.is_main_process:
         (trainer.run_dir / "summary.json").write_text(json.dumps(res, indent=2))
@@ -49,9 +56,13 @@ def format_summary(res: dict) -> str:
         return "(no memorization summary: needs the lab's duplicate manifest)"
     lines = [f"memorization summary — copy metric: {res['backend']}, copy = top-1 > {res['threshold']}",
              f"{'group':<11} {'prompts':>7} {'probe@t' + str(res['probe_timestep']) + ' med':>15} {'probe>thr':>9} "
-             f"{'gen copy rate':>13} {'top-1 med':>9} {'NN is own':>9}"]
+             f"{'gen copy rate':>13} {'top-1 med':>9} {'NN is own':>9} {'lab align':>9}"]
     for g, r in res["groups"].items():
         lines.append(f"{g:<11} {r['n_prompts']:>7} {r['probe_median']:>15.3f} {r['probe_above_threshold']:>9.2f} "
                      f"{r.get('copy_rate', float('nan')):>13.2f} {r.get('top1_median', float('nan')):>9.3f} "
-                     f"{r.get('nn_is_own', float('nan')):>9.2f}")
+                     f"{r.get('nn_is_own', float('nan')):>9.2f} {r.get('lab_alignment', float('nan')):>9.2f}")
+    lines.append("probe = SSCD of the one-step x0 reconstruction of each training image (noised to t) to itself;")
+    lines.append("gen = images generated from the training captions, top-1 SSCD against all training images.")
+    if "alignment_backend" in res:
+        lines.append(f"lab align = {res['alignment_backend']}, generation vs its caption, 0..1.")
     return "\n".join(lines)

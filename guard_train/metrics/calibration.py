@@ -8,6 +8,8 @@ lab-calibrated threshold is the midpoint between the near-copy 5th percentile an
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 
 from guard_train.data.lab import Lab, near_copy, same_caption_new_instance
@@ -38,3 +40,32 @@ def calibration_table(lab: Lab, embedder: Embedder, seed: int = 0) -> dict:
     table["near_vs_new_auroc"] = float(roc_auc_score(y, np.r_[sim_near, sim_new]))
     table["lab_threshold"] = float((table["near_copy"]["p5"] + table["same_caption_new_instance"]["p95"]) / 2)
     return table
+
+
+def main(argv: list[str] | None = None) -> int:
+    """python -m guard_train.metrics.calibration [--instances 96] [--backend sscd] [--out file.json]"""
+    import argparse
+    import json
+
+    from guard_train.data.lab import LabConfig, build_lab
+    from guard_train.metrics.embed import get_embedder
+
+    p = argparse.ArgumentParser(prog="python -m guard_train.metrics.calibration")
+    p.add_argument("--instances", type=int, default=96)
+    p.add_argument("--backend", default="sscd")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", default="")
+    a = p.parse_args(argv)
+    t = calibration_table(build_lab(LabConfig(num_instances=a.instances, held_out=0, seed=a.seed)),
+                          get_embedder(a.backend), seed=a.seed)
+    s = json.dumps(t, indent=1)
+    print(s)
+    if a.out:
+        Path(a.out).write_text(s + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    import sys
+
+    sys.exit(main())

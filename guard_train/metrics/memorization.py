@@ -78,7 +78,7 @@ def generate(pipe, captions: list[str], n: int, steps: int, guidance: float, see
 def memorization_summary(pipe, probes: list[Probe], train_images: np.ndarray, train_keys: list[int],
                          embedder: Embedder, acc=None, images_per_prompt: int = 2, steps: int = 25,
                          guidance: float = 5.0, probe_t: int = 200, threshold: float = 0.5, seed: int = 0,
-                         max_gen: Optional[int] = None) -> dict:
+                         max_gen: Optional[int] = None, aligner=None) -> dict:
     """Per group: probe similarity (median, share > threshold) and generation copy rate / top-1 / own-NN."""
     idx = list(range(len(probes)))
     parts: list = []
@@ -99,7 +99,9 @@ def memorization_summary(pipe, probes: list[Probe], train_images: np.ndarray, tr
         if r["i"] not in seen:
             seen.add(r["i"])
             uniq.append(r)
-    out = score(uniq, probes, train_images, train_keys, embedder, threshold)
+    out = score(uniq, probes, train_images, train_keys, embedder, threshold, aligner)
+    if aligner is not None:
+        out["alignment_backend"] = aligner.name
     out["probe_timestep"] = probe_t
     return out
 
@@ -117,7 +119,7 @@ def _work(pipe, probes, indices, n, steps, guidance, probe_t, seed, max_gen) -> 
     return rows
 
 
-def score(rows, probes, train_images, train_keys, embedder: Embedder, threshold: float) -> dict:
+def score(rows, probes, train_images, train_keys, embedder: Embedder, threshold: float, aligner=None) -> dict:
     emb_train = embedder.embed(train_images) if type(embedder).similarity is Embedder.similarity else None
     out: dict = {"backend": embedder.name, "threshold": threshold, "groups": {}}
     groups = sorted({probes[r["i"]].group for r in rows})
@@ -141,6 +143,9 @@ def score(rows, probes, train_images, train_keys, embedder: Embedder, threshold:
                      top1_median=float(np.median(top1)), top1_p95=float(np.percentile(top1, 95)),
                      nn_is_own=float((nn == owner).mean()),
                      own_copy_rate=float(((top1 > threshold) & (nn == owner)).mean()))
+            if aligner is not None:
+                caps = [probes[r["i"]].caption for r, x in gens for _ in range(len(x))]
+                g["lab_alignment"] = float(np.nanmean(aligner.score(allg, caps)))
         out["groups"][gname] = g
     return out
 

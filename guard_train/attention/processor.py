@@ -1,0 +1,205 @@
+"""One cross-attention processor for every method, at training and at inference time.
+
+Installed on selected `attn2` layers (by module name or by execution order: down → mid → up, which is *not*
+`named_modules()` order). What it does per call is read from a shared `CrossAttnState`:
+
+* capture — per sample: token mass a[b,k] = mean over heads h and queries q of softmax(S)[b,h,q,k] (a 77-vector),
+  its entropy H = −Σ_k a_k log a_k (Ren et al. 2024's statistic, natural log, all positions), and, for chosen
+  layers, the head-averaged map [B, Q, 77] (Bright Ending's end-token maps).
+* edit — on the pre-softmax logits S = q·kᵀ/√d, in this order:
+  1. GUARD spike attenuation (Zhao et al. 2026, `_XAttnLogger`): for each (sample, head) row r of the selected
+     batch rows, m[r,k] = max_q S[r,q,k]; μ_r, σ_r = mean and unbiased std of m over k ≥ 1 (BOS excluded); spike
+     where z = (m − μ)/(σ + 1e−6) > τ and k ≥ 1; the whole logit column of a spike is multiplied by s.
+  2. per-token logit scale S[b,:,:,k] ×= c[b,k] (Ren et al.'s BOS ×1.25 on conditional rows).
+  3. token mask: S[b,:,:,k] = −∞ where keep[b,k] is False (Ren et al.'s padding mask).
+When the state asks nothing of a layer, the processor calls diffusers' `AttnProcessor2_0` (SDPA), so instrumented
+but idle layers cost nothing and match the default exactly; only active layers compute attention explicitly.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+from diffusers.models.attention_processor import Attention, AttnProcessor2_0
+
+_NAME = re.compile(r"^(down_blocks|mid_block|up_blocks)\.?(\d*)\.attentions\.(\d+)\.transformer_blocks\.(\d+)\.attn2")
+
+
+def exec_order(names: Iterable[str]) -> list[str]:
+    """attn2 layer names sorted in the order a UNet forward visits them (down, mid, up)."""
+    rank = {"down_blocks": 0, "mid_block": 1, "up_blocks": 2}
+
+    def key(n: str):
+        m = _NAME.match(n)
+        if not m:
+            raise ValueError(f"not a UNet cross-attention layer name: {n}")
+        return rank[m.group(1)], int(m.group(2) or 0), int(m.group(3)), int(m.group(4))
+
+    return sorted(names, key=key)
+
+
+def cross_attention_layers(unet) -> list[str]:
+    """Names (without '.processor') of all attn2 layers, in execution order."""
+    return exec_order(n.removesuffix(".processor") for n in unet.attn_processors if ".attn2." in n)
+
+
+@dataclass
+class SpikeEdit:
+    rows: torch.Tensor  # (B,) bool: batch rows the attenuation applies to (e.g. GUARD's positive slice)
+    tau: float = 0.1
+    scale: float = 0.3
+
+
+@dataclass
+class CrossAttnState:
+    """Shared by all installed processors of one UNet; set before a forward, read after."""
+
+    capture: set[str] = field(default_factory=set)  # layers whose token mass / entropy to record
+    capture_maps: set[str] = field(default_factory=set)  # layers whose full [B, Q, T] maps to record
+    edit_layers: Optional[set[str]] = None  # layers that apply the edits below (None = every installed layer)
+    token_mask: Optional[torch.Tensor] = None  # (B, T) bool keep-mask
+    token_logit_scale: Optional[torch.Tensor] = None  # (B, T) float
+    spike: Optional[SpikeEdit] = None
+    keep_grad: bool = False  # keep captures in the autograd graph (e.g. an entropy loss); else detached
+    # outputs (cleared by reset())
+    mass: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T)
+    entropy: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (B,)
+    maps: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (B, Q, T)
+    spikes_fired: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (rows,) spike count per row
+
+    def reset(self) -> None:
+        self.mass, self.entropy, self.maps, self.spikes_fired = {}, {}, {}, {}
+
+    def edits(self, layer: str) -> bool:
+        has = self.token_mask is not None or self.token_logit_scale is not None or self.spike is not None
+        return has and (self.edit_layers is None or layer in self.edit_layers)
+
+    def active(self, layer: str) -> bool:
+        return layer in self.capture or layer in self.capture_maps or self.edits(layer)
+
+
+def token_entropy(p: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
+    """H(p) = −Σ_k p_k log p_k over the last dim (natural log); 0·log 0 = 0."""
+    return -(p * torch.log(p.clamp_min(eps))).sum(-1)
+
+
+def spike_mask(logits: torch.Tensor, tau: float) -> torch.Tensor:
+    """GUARD's statistical mechanism. logits (R, Q, T) → (R, T) bool spikes (BOS never)."""
+    m = logits.amax(dim=1)  # (R, T): per token, max over queries
+    rest = m[:, 1:]
+    mu, sd = rest.mean(-1, keepdim=True), rest.std(-1, keepdim=True)  # unbiased, positions 1..T-1
+    z = (m - mu) / (sd + 1e-6)
+    out = z > tau
+    out[:, 0] = False
+    return out
+
+
+class GuardAttnProcessor:
+    """See module docstring. One instance per layer; all share `state`."""
+
+    def __init__(self, name: str, state: CrossAttnState):
+        self.name, self.state = name, state
+        self.sdpa = AttnProcessor2_0()
+
+    def __call__(self, attn: Attention, hidden_states, encoder_hidden_states=None, attention_mask=None, temb=None,
+                 *args, **kwargs):
+        st = self.state
+        if not st.active(self.name):
+            return self.sdpa(attn, hidden_states, encoder_hidden_states, attention_mask, temb)
+        residual = hidden_states
+        if attn.spatial_norm is not None:
+            hidden_states = attn.spatial_norm(hidden_states, temb)
+        input_ndim = hidden_states.ndim
+        if input_ndim == 4:
+            b, c, h, w = hidden_states.shape
+            hidden_states = hidden_states.view(b, c, h * w).transpose(1, 2)
+        B, N, _ = hidden_states.shape
+        if attn.group_norm is not None:
+            hidden_states = attn.group_norm(hidden_states.transpose(1, 2)).transpose(1, 2)
+        ctx = hidden_states if encoder_hidden_states is None else encoder_hidden_states
+        if encoder_hidden_states is not None and attn.norm_cross:
+            ctx = attn.norm_encoder_hidden_states(ctx)
+        H = attn.heads
+        q = attn.to_q(hidden_states)
+        k, v = attn.to_k(ctx), attn.to_v(ctx)
+        d = k.shape[-1] // H
+        q, k, v = (x.view(B, -1, H, d).transpose(1, 2) for x in (q, k, v))  # (B, H, *, d)
+        if attn.norm_q is not None:
+            q = attn.norm_q(q)
+        if attn.norm_k is not None:
+            k = attn.norm_k(k)
+        S = (q @ k.transpose(-1, -2)).float() * attn.scale  # (B, H, N, T)
+        if attention_mask is not None:
+            S = S + attn.prepare_attention_mask(attention_mask, k.shape[2], B).view(B, H, -1, k.shape[2]).float()
+        if st.edits(self.name):
+            S = self._edit(S)
+        P = S.softmax(-1)
+        self._capture(P)
+        out = (P.to(v.dtype) @ v).transpose(1, 2).reshape(B, N, H * d)
+        out = attn.to_out[1](attn.to_out[0](out))
+        if input_ndim == 4:
+            out = out.transpose(-1, -2).reshape(b, c, h, w)
+        if attn.residual_connection:
+            out = out + residual
+        return out / attn.rescale_output_factor
+
+    def _edit(self, S: torch.Tensor) -> torch.Tensor:
+        st = self.state
+        B, H, N, T = S.shape
+        if st.spike is not None:
+            rows = st.spike.rows.to(S.device)
+            sub = S[rows].reshape(-1, N, T)  # ((sel·H), N, T): one statistic per (sample, head), as GUARD
+            spikes = spike_mask(sub, st.spike.tau)
+            self.state.spikes_fired[self.name] = spikes.view(-1, H, T).sum(-1).float().mean(-1).detach()
+            factor = torch.where(spikes, torch.tensor(st.spike.scale, dtype=S.dtype, device=S.device), 1.0)
+            S = S.clone()
+            S[rows] = (sub * factor[:, None, :]).view(-1, H, N, T)
+        if st.token_logit_scale is not None:
+            S = S * st.token_logit_scale.to(S)[:, None, None, :]
+        if st.token_mask is not None:
+            S = S.masked_fill(~st.token_mask.to(S.device)[:, None, None, :], float("-inf"))
+        return S
+
+    def _capture(self, P: torch.Tensor) -> None:
+        st = self.state
+        keep = (lambda x: x) if st.keep_grad else (lambda x: x.detach())
+        if self.name in st.capture:
+            mass = keep(P.mean(dim=(1, 2)))  # (B, T)
+            st.mass[self.name] = mass
+            st.entropy[self.name] = token_entropy(mass)
+        if self.name in st.capture_maps:
+            st.maps[self.name] = keep(P.mean(dim=1))  # (B, N, T)
+
+
+def install(unet, layers: Iterable[str | int] | str = "all", state: Optional[CrossAttnState] = None) -> CrossAttnState:
+    """Put a GuardAttnProcessor on the chosen attn2 layers (names, or indices in execution order, or "all");
+    every other attention layer keeps (or gets back) diffusers' default processor. Returns the shared state."""
+    state = state or CrossAttnState()
+    order = cross_attention_layers(unet)
+    if layers == "all":
+        chosen = set(order)
+    else:
+        chosen = set()
+        for x in layers:
+            if isinstance(x, int):
+                if not -len(order) <= x < len(order):
+                    raise ValueError(f"cross-attention layer index {x} out of range: this UNet has {len(order)}")
+                chosen.add(order[x])
+            elif x in order:
+                chosen.add(x)
+            else:
+                raise ValueError(f"{x!r} is not a cross-attention layer of this UNet; layers: {order}")
+    # set_attn_processor pops entries from the dict it is given: build it fresh, from a copy of the keys.
+    procs = {}
+    for full in list(unet.attn_processors.keys()):
+        layer = full.removesuffix(".processor")
+        procs[full] = GuardAttnProcessor(layer, state) if layer in chosen else AttnProcessor2_0()
+    unet.set_attn_processor(procs)
+    return state
+
+
+def uninstall(unet) -> None:
+    unet.set_attn_processor(AttnProcessor2_0())
