@@ -66,6 +66,17 @@ def main(argv: list[str] | None = None) -> int:
     sc.add_argument("--out", default="models/lab-scorer")
     sc.add_argument("--steps", type=int, default=1500)
     sc.add_argument("--seed", type=int, default=0)
+    dd = sub.add_parser("dedup", help="find near-duplicate clusters in a training set; writes clusters.jsonl")
+    dd.add_argument("--data", required=True, help="dataset path (dir, file or glob)")
+    dd.add_argument("--source", default="imagefolder",
+                    choices=["imagefolder", "parquet", "hf_disk", "webdataset", "img2dataset"])
+    dd.add_argument("--image-column", default="image")
+    dd.add_argument("--caption-column", default="text")
+    dd.add_argument("--id-column", default="")
+    dd.add_argument("--backend", default="sscd", help="sscd | phash | sscd-torchscript:<path>")
+    dd.add_argument("--threshold", type=float, default=0.0, help="0 = backend default (SSCD 0.6, pHash 8 bits)")
+    dd.add_argument("--out", required=True)
+    dd.add_argument("--manifest", default="", help="lab manifest.jsonl: also report precision/recall vs planted groups")
     lab = sub.add_parser("make-lab", help="write the lab dataset (imagefolder or parquet) with its manifest")
     lab.add_argument("--out", required=True)
     lab.add_argument("--format", choices=["imagefolder", "parquet"], default="imagefolder")
@@ -96,6 +107,8 @@ def main(argv: list[str] | None = None) -> int:
         aligner.save(args.out)
         print(json.dumps(aligner.info, indent=1))
         return 0
+    if args.cmd == "dedup":
+        return _dedup_cmd(args)
     if args.cmd == "make-lab":
         from dataclasses import fields
 
@@ -119,6 +132,43 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {len(lab_obj.items)} items ({sum(i.is_dup for i in lab_obj.items)} from duplicated instances) to {path}")
         return 0
     return 1
+
+
+def _dedup_cmd(args) -> int:
+    import json
+    import time
+    from pathlib import Path
+
+    from guard_train.data.dedup import load_images_for_dedup, pairwise_precision_recall, run_dedup
+    from guard_train.data.loaders import DataError, build_dataset, image_transform
+
+    t0 = time.time()
+    try:
+        ds = build_dataset(args.source, args.data, args.image_column, args.caption_column, args.id_column,
+                           image_transform(256, True, False))
+    except (DataError, FileNotFoundError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    imgs, ids, caps, bad = load_images_for_dedup(ds)
+    out = Path(args.out)
+    res = run_dedup(imgs, ids, caps, args.backend, args.threshold, cache=out / "cache")
+    res.write(out)
+    summ = {**res.summary(), "undecodable": len(bad), "wall_s": round(time.time() - t0, 1)}
+    if args.manifest:
+        from guard_train.data.lab import read_manifest
+
+        truth = {it.id: it.instance for it in read_manifest(Path(args.manifest).parent)}
+        summ["vs_planted"] = pairwise_precision_recall(res.cluster, [truth[int(i)] for i in ids])
+    (out / "dedup_summary.json").write_text(json.dumps(summ, indent=1))
+    print(f"{summ['items']} items, {summ['clusters']} clusters ({summ['duplicate_clusters']} with duplicates, "
+          f"{summ['items_in_duplicate_clusters']} items in them); backend {res.backend}, threshold {res.threshold}")
+    for c in summ["largest"]:
+        print(f"  cluster {c['cluster']}: {c['size']} items")
+    if "vs_planted" in summ:
+        v = summ["vs_planted"]
+        print(f"vs planted duplicates: pair precision {v['pair_precision']:.3f}, pair recall {v['pair_recall']:.3f}")
+    print(f"wrote {out / 'clusters.jsonl'}")
+    return 0
 
 
 if __name__ == "__main__":

@@ -133,6 +133,25 @@ def validate(cfg: Config) -> None:
         d.lab.validate()
     except ValueError as e:
         raise ConfigError(f"data.{e}") from None
+    m = cfg.mitigation
+    try:
+        m.entropy_filter.validate("mitigation.entropy_filter")
+        m.magnitude_filter.validate("mitigation.magnitude_filter")
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    _check(m.dup_sampling.alpha >= 0, "mitigation.dup_sampling.alpha must be >= 0")
+    _check(m.dup_sampling.group_by in ("image", "caption", "both"),
+           "mitigation.dup_sampling.group_by must be image, caption or both")
+    _check(not (m.dup_sampling.enabled and m.injection.enabled),
+           "mitigation.dup_sampling and mitigation.injection both set the data order: enable one")
+    _check(m.captions.mode in ("none", "rc", "rt", "cwr"), "mitigation.captions.mode must be none, rc, rt or cwr")
+    _check(0.0 <= m.captions.p <= 1.0 and m.captions.gn_lambda >= 0, "mitigation.captions.p in [0, 1], gn_lambda >= 0")
+    _check(0.0 < m.injection.fraction < 1.0 and m.injection.weight > 0, "mitigation.injection.fraction in (0, 1)")
+    _check(not (d.streaming and (m.dup_sampling.enabled or m.injection.enabled)),
+           "weighted sampling (dup_sampling / injection) needs a map-style dataset: set data.streaming=false")
+    if m.dup_sampling.clusters:
+        _check(Path(m.dup_sampling.clusters).is_file(), f"mitigation.dup_sampling.clusters "
+               f"{m.dup_sampling.clusters!r} does not exist: run `guard-train dedup` first or leave it empty")
     if d.source != "lab":
         _check(bool(d.path), f"data.path is required for data.source={d.source}: point it at your dataset "
                              f"(a local directory or file; nothing is downloaded at run time)")

@@ -69,6 +69,70 @@ class TrainConfig:
 
 
 @dataclass
+class FilterConfig:
+    enabled: bool = False
+    mode: str = "quantile"  # quantile | fixed
+    threshold: float = 0.0  # used when mode=fixed
+    quantile: float = 0.95  # drop the top 1-q of scores, per timestep bucket, calibrated over the warm-up
+    buckets: int = 10  # timestep buckets for the calibrated threshold
+    warmup_steps: int = 50  # micro-steps of calibration (nothing dropped meanwhile)
+
+    def validate(self, name: str) -> None:
+        if self.mode not in ("quantile", "fixed"):
+            raise ValueError(f"{name}.mode must be quantile or fixed, got {self.mode!r}")
+        if not 0.0 < self.quantile < 1.0:
+            raise ValueError(f"{name}.quantile must be in (0, 1), got {self.quantile}")
+        if self.buckets < 1 or self.warmup_steps < 1:
+            raise ValueError(f"{name}.buckets and {name}.warmup_steps must be >= 1")
+
+
+@dataclass
+class EntropyFilterConfig(FilterConfig):
+    # the analogue of SD's down_blocks.1.attentions.1 (exec index 3, Ren et al.'s detection layer)
+    layers: list[str] = field(default_factory=lambda: ["down_blocks.1.attentions.1.transformer_blocks.0.attn2"])
+
+
+@dataclass
+class MagnitudeFilterConfig(FilterConfig):
+    buckets: int = 1
+
+
+@dataclass
+class DupSamplingConfig:
+    enabled: bool = False
+    clusters: str = ""  # clusters.jsonl from `guard-train dedup`; "" = run dedup on the training data at start
+    alpha: float = 1.0  # weight 1/|cluster|^alpha
+    backend: str = "sscd"  # sscd | phash | sscd-torchscript:<path>
+    threshold: float = 0.0  # 0 = backend default (SSCD cosine 0.6, pHash 8 bits)
+    group_by: str = "image"  # image | caption | both
+
+
+@dataclass
+class InjectionConfig:
+    """Somepalli et al.'s duplication testbed: make a memorizing model on purpose."""
+
+    enabled: bool = False
+    fraction: float = 0.05
+    weight: float = 5.0
+
+
+@dataclass
+class CaptionMitigationConfig:
+    mode: str = "none"  # none | rc | rt | cwr (MC: give a list-valued caption column)
+    p: float = 0.1
+    gn_lambda: float = 0.0  # Gaussian noise on text embeddings (GN); 0 = off
+
+
+@dataclass
+class MitigationConfig:
+    entropy_filter: EntropyFilterConfig = field(default_factory=EntropyFilterConfig)
+    magnitude_filter: MagnitudeFilterConfig = field(default_factory=MagnitudeFilterConfig)
+    dup_sampling: DupSamplingConfig = field(default_factory=DupSamplingConfig)
+    injection: InjectionConfig = field(default_factory=InjectionConfig)
+    captions: CaptionMitigationConfig = field(default_factory=CaptionMitigationConfig)
+
+
+@dataclass
 class SummaryConfig:
     """End-of-run memorization summary (duplicated vs unique captions)."""
 
@@ -98,5 +162,6 @@ class Config:
     model: ModelConfig = field(default_factory=ModelConfig)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    mitigation: MitigationConfig = field(default_factory=MitigationConfig)
     summary: SummaryConfig = field(default_factory=SummaryConfig)
     run: RunConfig = field(default_factory=RunConfig)

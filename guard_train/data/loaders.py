@@ -113,9 +113,15 @@ def image_transform(resolution: int, center_crop: bool, random_flip: bool) -> Ca
 class ImageCaptionDataset(torch.utils.data.Dataset):
     """Map-style dataset over `records(i)`; a broken item yields {"id", "error"} instead of raising."""
 
-    def __init__(self, n: int, get: Callable[[int], Record], transform: Callable, seed: int = 0):
+    def __init__(self, n: int, get: Callable[[int], Record], transform: Callable, seed: int = 0,
+                 ids: Optional[Callable[[], list[int]]] = None):
         self.n, self.get, self.transform, self.seed = n, get, transform, seed
         self.epoch = 0
+        self._ids = ids
+
+    def item_ids(self) -> list[int]:
+        """Dataset id of every index (without decoding images)."""
+        return list(self._ids()) if self._ids else [self.get(i).id for i in range(self.n)]
 
     def __len__(self) -> int:
         return self.n
@@ -225,7 +231,8 @@ def build_dataset(source: str, path: str, image_column: str, caption_column: str
 
     if len(ds) == 0:
         raise DataError(f"dataset at {path!r} is empty")
-    return ImageCaptionDataset(len(ds), get, transform, seed)
+    ids = (lambda: [int(x) for x in ds[id_column]]) if id_column else (lambda: list(range(len(ds))))
+    return ImageCaptionDataset(len(ds), get, transform, seed, ids)
 
 
 def write_bad_items(bad: list[tuple[int, str]], path: Path) -> None:

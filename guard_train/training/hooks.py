@@ -29,18 +29,25 @@ class StepContext:
     noisy_latents: torch.Tensor
     encoder_hidden_states: torch.Tensor
     per_sample_loss: torch.Tensor  # (B,), already SNR-weighted, with grad
-    unet: torch.nn.Module
+    unet: torch.nn.Module  # the prepared (possibly DDP-wrapped) UNet; use accelerator.unwrap_model for extra passes
+    pred: torch.Tensor = None  # the UNet's prediction for this micro-batch (with grad)
+    encode_text: Callable[[list[str]], torch.Tensor] = None  # frozen text encoder, captions -> embeddings
+    run_dir: Any = None
     captures: dict[str, Any] = field(default_factory=dict)  # filled by attention processors (issue: attention)
     logs: dict[str, float] = field(default_factory=dict)  # hooks add scalars to log here
 
 
 class LossWeighting(Protocol):
-    """Returns per-sample weights (B,) ≥ 0; 0 drops a sample. The loop normalises by the summed weight."""
+    """Returns per-sample weights (B,) ≥ 0; 0 drops a sample. The loop normalises by the summed weight; when every
+    sample on every rank is dropped, all ranks skip the step together. Optional methods the loop calls if present:
+    `setup(unet)`, `state_dict()` / `load_state_dict(d)` (saved per rank in checkpoints)."""
 
     def __call__(self, ctx: StepContext) -> torch.Tensor: ...
 
 
 CaptionTransform = Callable[[str, int, np.random.Generator], str]  # (caption, dataset id, rng) -> caption
+# (text embeddings (B, T, D), per-rank torch.Generator) -> embeddings; e.g. Gaussian noise on embeddings (GN)
+EmbeddingTransform = Callable[[torch.Tensor, torch.Generator], torch.Tensor]
 
 
 @dataclass
@@ -72,6 +79,7 @@ class Callback:
 class Hooks:
     loss_weighting: list[LossWeighting] = field(default_factory=list)
     caption_transforms: list[CaptionTransform] = field(default_factory=list)
+    embedding_transforms: list[EmbeddingTransform] = field(default_factory=list)
     # (dataset_len, seed, rank, world) -> sampler with set_epoch(e), start_at(i), __iter__, __len__, state_dict
     sampler_factory: Optional[Callable[..., Any]] = None
     callbacks: list[Callback] = field(default_factory=list)

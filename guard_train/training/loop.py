@@ -112,9 +112,16 @@ def make_dataset(cfg: Config, run_dir: Path, acc: Accelerator) -> tuple[loaders.
 # ---------------------------------------------------------------------------------------------------------------
 
 
+def weighted_loss(per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
+    """Σ w·ℓ / Σ w: a dropped sample (w = 0) contributes no gradient, and the mean is over the kept ones."""
+    return (per_sample * weights).sum() / weights.sum().clamp(min=1e-8)
+
+
 class Trainer:
     def __init__(self, cfg: Config, hooks: Optional[Hooks] = None):
-        self.cfg, self.hooks = cfg, hooks or Hooks()
+        from guard_train.training.mitigations import build_hooks
+
+        self.cfg, self.hooks = cfg, build_hooks(cfg, hooks)
         t = cfg.train
         if t.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
@@ -140,6 +147,9 @@ class Trainer:
         cfg, t, acc = self.cfg, self.cfg.train, self.acc
         c = load_components(resolve_model_path(cfg.model.path), cfg.model.revision, cfg.model.variant)
         self.tokenizer, self.noise_scheduler, self.model_path = c.tokenizer, c.noise_scheduler, c.path
+        for tf in self.hooks.caption_transforms:
+            if hasattr(tf, "bind"):
+                tf.bind(self.tokenizer)
         self.weight_dtype = {"fp16": torch.float16, "bf16": torch.bfloat16}.get(acc.mixed_precision, torch.float32)
         self.vae, self.text_encoder, unet = c.vae, c.text_encoder, c.unet
         for m in (self.vae, self.text_encoder):
@@ -163,6 +173,9 @@ class Trainer:
             unet.enable_gradient_checkpointing()
         for fn in self.hooks.setup:
             fn(unet)
+        for h in self.hooks.loss_weighting:
+            if hasattr(h, "setup"):
+                h.setup(unet)
         self.params = [p for p in unet.parameters() if p.requires_grad]
         if t.optimizer == "adamw8bit":
             try:
@@ -226,7 +239,10 @@ class Trainer:
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
-        torch.save({"gen": self.gen.get_state(), "vae_gen": self.vae_gen.get_state(), "np": self.np_rng.bit_generator.state, "items": self.items_done},
+        torch.save({"gen": self.gen.get_state(), "vae_gen": self.vae_gen.get_state(),
+                    "np": self.np_rng.bit_generator.state, "items": self.items_done,
+                    "loss_hooks": [h.state_dict() if hasattr(h, "state_dict") else None
+                                   for h in self.hooks.loss_weighting]},
                    tmp / f"rank_state_{self.rank}.pt")
         bad = self._gather_bad()
         acc.wait_for_everyone()
@@ -247,6 +263,9 @@ class Trainer:
         self.vae_gen.set_state(rs["vae_gen"])
         self.np_rng.bit_generator.state = rs["np"]
         self.items_done = rs["items"]
+        for h, st in zip(self.hooks.loss_weighting, rs.get("loss_hooks", [])):
+            if st is not None:
+                h.load_state_dict(st)
         self.step, self.epoch = state["step"], state["epoch"]
         self.bad = [tuple(b) for b in state["bad_items"]] if self.acc.is_main_process else []
         for cb, st in zip(self.hooks.callbacks, state.get("hooks", [])):
@@ -302,6 +321,8 @@ class Trainer:
                              truncation=True, return_tensors="pt").input_ids.to(acc.device)
         with torch.no_grad():
             enc = self.text_encoder(ids)[0]
+        for tf in self.hooks.embedding_transforms:
+            enc = tf(enc, self.gen)
         if self.noise_scheduler.config.prediction_type == "v_prediction":
             target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
         else:
@@ -314,12 +335,20 @@ class Trainer:
             snr = compute_snr(self.noise_scheduler, timesteps)
             w = torch.clamp(snr, max=t.snr_gamma)
             per = per * (w / snr if self.noise_scheduler.config.prediction_type == "epsilon" else w / (snr + 1))
-        ctx = StepContext(acc, self.step, batch["ids"], captions, timesteps, noisy, enc, per, self.unet)
+        ctx = StepContext(acc, self.step, batch["ids"], captions, timesteps, noisy, enc, per, self.unet, pred=pred,
+                          encode_text=self.encode_text, run_dir=self.run_dir)
         w = torch.ones_like(per.detach())
         for hook in self.hooks.loss_weighting:
             w = w * hook(ctx).to(w)
-        loss = (per * w).sum() / w.sum().clamp(min=1e-8)
+        self._kept = int(w.gt(0).sum())
+        loss = weighted_loss(per, w)
         return loss, {"loss": per.detach().mean().item(), "kept": float(w.gt(0).float().mean()), **ctx.logs}
+
+    @torch.no_grad()
+    def encode_text(self, captions: list[str]) -> torch.Tensor:
+        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt").input_ids.to(self.acc.device)
+        return self.text_encoder(ids)[0]
 
     def _empty_loss(self) -> torch.Tensor:
         # A rank whose micro-batch had no decodable image still joins the gradient all-reduce, with zero grads.
@@ -355,9 +384,12 @@ class Trainer:
         if self.streaming:  # the stream shards itself across ranks; epoch length unknown (max_steps required)
             self.sampler, self.steps_per_epoch = self.dataset, 1
         else:
-            make_sampler = self.hooks.sampler_factory or (
-                lambda n, seed, rank, world, bs: EpochShardSampler(n, seed, rank, world, bs))
-            self.sampler = make_sampler(len(self.dataset), t.seed, self.rank, self.world, t.batch_size)
+            if self.hooks.sampler_factory is not None:
+                self.sampler = self.hooks.sampler_factory(len(self.dataset), t.seed, self.rank, self.world,
+                                                          t.batch_size, dataset=self.dataset, run_dir=self.run_dir,
+                                                          accelerator=acc)
+            else:
+                self.sampler = EpochShardSampler(len(self.dataset), t.seed, self.rank, self.world, t.batch_size)
             self.steps_per_epoch = max(1, len(self.sampler) // t.batch_size // t.gradient_accumulation_steps)
         self._setup_model()
         self.gen = torch.Generator().manual_seed(t.seed * 1_000_003 + 7919 * (self.rank + 1))  # per-rank noise
@@ -392,14 +424,20 @@ class Trainer:
                 self.bad += batch["bad"]
                 good_seen += len(batch["ids"])
                 with acc.accumulate(self.unet):
+                    self._kept = 0
                     if len(batch["ids"]):
                         loss, logs = self._loss(batch)
                     else:
                         loss, logs = self._empty_loss(), {"loss": float("nan"), "kept": 0.0}
-                    finite = acc.reduce(torch.tensor([float(torch.isfinite(loss))], device=acc.device), "min")
-                    if finite.item() < 1:  # any rank non-finite: every rank skips this micro-step together
+                    # one collective for both agreements: [non-finite on any rank, samples kept on all ranks]
+                    flags = acc.reduce(torch.tensor([float(not torch.isfinite(loss)), float(self._kept)],
+                                                    device=acc.device), "sum")
+                    reason = "skipped_nonfinite" if flags[0] > 0 else ("skipped_all_dropped" if flags[1] == 0 else "")
+                    if reason:  # every rank skips this micro-step together: no hang, no divergent update
                         self.optimizer.zero_grad(set_to_none=True)
-                        self.metrics["skipped_nonfinite"] = self.metrics.get("skipped_nonfinite", 0) + 1
+                        self.metrics[reason] = self.metrics.get(reason, 0) + 1
+                        if reason == "skipped_all_dropped":
+                            window.append(logs)
                         continue
                     acc.backward(loss)
                     if acc.sync_gradients:
@@ -470,7 +508,8 @@ class Trainer:
         glob = acc.reduce(local, "mean") if self.world > 1 else local
         rec = {k: round(float(v), 6) for k, v in zip(keys, glob.tolist())}
         rec.update(step=self.step, epoch=self.epoch, lr=self.lr_scheduler.get_last_lr()[0],
-                   wall_s=round(time.time() - t0, 1), bad_items=len(self.bad))
+                   wall_s=round(time.time() - t0, 1), bad_items=len(self.bad),
+                   **{k: self.metrics[k] for k in ("skipped_nonfinite", "skipped_all_dropped") if k in self.metrics})
         self.metrics.update({k: rec[k] for k in keys})
         acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=self.step)
         if acc.is_main_process:

@@ -1,0 +1,174 @@
+"""Near-duplicate detection of a training set (`guard-train dedup`).
+
+Embed every image (SSCD by default; an SSCD TorchScript file by path; 64-bit perceptual hash as the fallback that
+needs no model), find every pair closer than a threshold with faiss range search (inner product ≥ τ on
+L2-normalised SSCD embeddings; Hamming distance ≤ r on pHashes) — no Python O(N²) loop — and merge pairs into
+clusters with union-find. Identical captions (after lower-casing and whitespace folding) are grouped too.
+Output: `clusters.jsonl` (one row per item: id, cluster, cluster_size, caption_group, caption_group_size) that
+the duplicate-aware sampler reads, plus `dedup_summary.json`. Embeddings are cached next to the output.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+
+class UnionFind:
+    def __init__(self, n: int):
+        self.p = np.arange(n)
+
+    def find(self, i: int) -> int:
+        while self.p[i] != i:
+            self.p[i] = self.p[self.p[i]]
+            i = self.p[i]
+        return int(i)
+
+    def union(self, a: int, b: int) -> None:
+        ra, rb = self.find(a), self.find(b)
+        if ra != rb:
+            self.p[max(ra, rb)] = min(ra, rb)
+
+    def labels(self) -> np.ndarray:
+        return np.array([self.find(i) for i in range(len(self.p))])
+
+
+def pairs_sscd(emb: np.ndarray, threshold: float) -> np.ndarray:
+    import faiss
+
+    x = np.ascontiguousarray(emb.astype(np.float32))
+    index = faiss.IndexFlatIP(x.shape[1])
+    index.add(x)
+    lims, _, nbr = index.range_search(x, float(threshold))
+    src = np.repeat(np.arange(len(x)), np.diff(lims).astype(np.int64))
+    keep = src < nbr
+    return np.stack([src[keep], nbr[keep]], 1)
+
+
+def pairs_hamming(bits: np.ndarray, radius: int) -> np.ndarray:
+    import faiss
+
+    index = faiss.IndexBinaryFlat(bits.shape[1] * 8)
+    index.add(bits)
+    lims, _, nbr = index.range_search(bits, radius + 1)  # faiss: distance < radius
+    src = np.repeat(np.arange(len(bits)), np.diff(lims).astype(np.int64))
+    keep = src < nbr
+    return np.stack([src[keep], nbr[keep]], 1)
+
+
+def cluster_labels(n: int, pairs: np.ndarray) -> np.ndarray:
+    uf = UnionFind(n)
+    for a, b in pairs:
+        uf.union(int(a), int(b))
+    return uf.labels()
+
+
+def caption_labels(captions: list) -> np.ndarray:
+    norm = [re.sub(r"\s+", " ", (c if isinstance(c, str) else str(c)).strip().lower()) for c in captions]
+    first: dict[str, int] = {}
+    return np.array([first.setdefault(c, i) for i, c in enumerate(norm)])
+
+
+def phash_bits(images: np.ndarray) -> np.ndarray:
+    import imagehash
+    from PIL import Image
+
+    return np.stack([np.packbits(imagehash.phash(Image.fromarray(im)).hash.flatten()) for im in images])
+
+
+@dataclass
+class DedupResult:
+    ids: np.ndarray
+    cluster: np.ndarray  # root item index per item
+    caption_group: np.ndarray
+    backend: str
+    threshold: float
+
+    def sizes(self, labels: np.ndarray) -> np.ndarray:
+        _, inv, cnt = np.unique(labels, return_inverse=True, return_counts=True)
+        return cnt[inv]
+
+    def write(self, out: Path) -> Path:
+        out.mkdir(parents=True, exist_ok=True)
+        cs, gs = self.sizes(self.cluster), self.sizes(self.caption_group)
+        with open(out / "clusters.jsonl", "w") as f:
+            for i, rid in enumerate(self.ids):
+                f.write(json.dumps({"id": int(rid), "cluster": int(self.ids[self.cluster[i]]), "cluster_size": int(cs[i]),
+                                    "caption_group": int(self.ids[self.caption_group[i]]),
+                                    "caption_group_size": int(gs[i])}) + "\n")
+        return out / "clusters.jsonl"
+
+    def summary(self, top: int = 10) -> dict:
+        labels, counts = np.unique(self.cluster, return_counts=True)
+        order = np.argsort(-counts)
+        return {"backend": self.backend, "threshold": self.threshold, "items": int(len(self.ids)),
+                "clusters": int(len(labels)), "items_in_duplicate_clusters": int(counts[counts > 1].sum()),
+                "duplicate_clusters": int((counts > 1).sum()),
+                "caption_groups_with_duplicates": int((np.unique(self.caption_group, return_counts=True)[1] > 1).sum()),
+                "largest": [{"cluster": int(self.ids[labels[k]]), "size": int(counts[k])} for k in order[:top] if counts[k] > 1]}
+
+
+def read_clusters(path: str | Path) -> dict[int, dict]:
+    with open(path) as f:
+        return {r["id"]: r for r in map(json.loads, f)}
+
+
+def embed_images(images: np.ndarray, backend: str) -> np.ndarray:
+    if backend == "phash":
+        return phash_bits(images)
+    from guard_train.metrics.embed import get_embedder
+
+    return get_embedder(backend).embed(images)
+
+
+def run_dedup(images: np.ndarray, ids: np.ndarray, captions: list, backend: str = "sscd", threshold: float = 0.0,
+              cache: Path | None = None) -> DedupResult:
+    """threshold: cosine ≥ τ for SSCD (default 0.6), Hamming ≤ r bits for phash (default 8)."""
+    if backend == "phash":
+        threshold = threshold or 8
+    else:
+        threshold = threshold or 0.6
+    key = hashlib.sha1(images.tobytes()[:: max(1, images.size // 4_000_000)] + backend.encode()).hexdigest()[:16]
+    emb = None
+    if cache is not None and (cache / f"emb_{key}.npy").exists():
+        emb = np.load(cache / f"emb_{key}.npy")
+    if emb is None:
+        emb = embed_images(images, backend)
+        if cache is not None:
+            cache.mkdir(parents=True, exist_ok=True)
+            np.save(cache / f"emb_{key}.npy", emb)
+    pairs = pairs_hamming(emb, int(threshold)) if backend == "phash" else pairs_sscd(emb, threshold)
+    return DedupResult(np.asarray(ids), cluster_labels(len(ids), pairs), caption_labels(captions), backend, threshold)
+
+
+def pairwise_precision_recall(pred: np.ndarray, truth: np.ndarray) -> dict:
+    """Pair-counting precision/recall of a clustering against ground-truth groups (same-group pairs)."""
+    def same_pairs(lbl):
+        _, cnt = np.unique(lbl, return_counts=True)
+        return int((cnt * (cnt - 1) // 2).sum())
+
+    both = same_pairs([f"{a}/{b}" for a, b in zip(pred, truth)])
+    p, t = same_pairs(pred), same_pairs(truth)
+    return {"pair_precision": both / p if p else 1.0, "pair_recall": both / t if t else 1.0,
+            "predicted_pairs": p, "true_pairs": t}
+
+
+def load_images_for_dedup(ds, size: int = 256) -> tuple[np.ndarray, np.ndarray, list, list]:
+    """Decode every item of an ImageCaptionDataset (built with a `size` transform) → uint8 images, ids, captions,
+    and the (id, error) list of undecodable items."""
+    imgs, ids, caps, bad = [], [], [], []
+    for i in range(len(ds)):
+        r = ds[i]
+        if "error" in r:
+            bad.append((r["id"], r["error"]))
+            continue
+        imgs.append(((r["pixel_values"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+        ids.append(r["id"])
+        caps.append(r["caption"])
+    return np.stack(imgs), np.asarray(ids), caps, bad

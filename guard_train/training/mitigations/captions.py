@@ -1,0 +1,56 @@
+"""Caption mitigations at training time — Somepalli et al., "Understanding and Mitigating Copying in Diffusion
+Models" (NeurIPS 2023), `datasets.py --trainspecial`, each applied with probability p (default 0.1) per sample:
+
+* MC  (allcaps)     several captions per image: pick one at random each time. Built into the loop: a caption
+                    column holding a list is sampled per step; nothing to enable.
+* RC  (randrepl)    replace the caption by 4 random vocabulary tokens (ids < 49400, decoded).
+* RT  (randwordadd) insert 2 random vocabulary tokens at random word positions.
+* CWR (wordrepeat)  insert 2 words sampled from the caption at random word positions.
+* GN  (--rand_noise_lam λ) add λ·N(0, 1) to the text-encoder output every step (an embedding transform).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+import torch
+
+MODES = ("none", "rc", "rt", "cwr")
+
+
+def _random_tokens(tokenizer, k: int, rng: np.random.Generator) -> list[str]:
+    hi = min(49400, len(tokenizer))
+    return [tokenizer.decode([int(i)]).strip() or "x" for i in rng.integers(0, hi, size=k)]
+
+
+def _insert(words: list[str], new: list[str], rng: np.random.Generator) -> list[str]:
+    out = list(words)
+    for w in new:
+        out.insert(int(rng.integers(0, len(out) + 1)), w)
+    return out
+
+
+def caption_transform(mode: str, p: float, tokenizer) -> Callable[[str, int, np.random.Generator], str]:
+    if mode not in MODES:
+        raise ValueError(f"mitigation.captions.mode must be one of {MODES}, got {mode!r}")
+
+    def fn(caption: str, item_id: int, rng: np.random.Generator) -> str:
+        if mode == "none" or rng.random() >= p:
+            return caption
+        words = caption.split()
+        if mode == "rc":
+            return " ".join(_random_tokens(tokenizer, 4, rng))
+        if mode == "rt":
+            return " ".join(_insert(words, _random_tokens(tokenizer, 2, rng), rng))
+        picks = [words[int(i)] for i in rng.integers(0, len(words), size=2)] if words else []
+        return " ".join(_insert(words, picks, rng))
+
+    return fn
+
+
+def gaussian_embedding_noise(lam: float) -> Callable[[torch.Tensor, torch.Generator], torch.Tensor]:
+    def fn(emb: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
+        return emb + lam * torch.randn(emb.shape, generator=gen).to(emb)
+
+    return fn
