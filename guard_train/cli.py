@@ -77,6 +77,17 @@ def main(argv: list[str] | None = None) -> int:
     dd.add_argument("--threshold", type=float, default=0.0, help="0 = backend default (SSCD 0.6, pHash 8 bits)")
     dd.add_argument("--out", required=True)
     dd.add_argument("--manifest", default="", help="lab manifest.jsonl: also report precision/recall vs planted groups")
+    g = sub.add_parser("generate", help="generate with GUARD or a baseline mitigation; PNGs + generations.jsonl")
+    g.add_argument("--model", default="models/tiny-sd")
+    g.add_argument("--lora", default="")
+    g.add_argument("--prompts", required=True, help="a text file (one prompt per line) or a prompt")
+    g.add_argument("--method", default="guard")
+    g.add_argument("--param", action="append", default=[], metavar="K=V", help="method hyper-parameter (repeatable)")
+    g.add_argument("--num-images", type=int, default=4)
+    g.add_argument("--steps", type=int, default=50)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--max-batch", type=int, default=64)
+    g.add_argument("--out", required=True)
     lab = sub.add_parser("make-lab", help="write the lab dataset (imagefolder or parquet) with its manifest")
     lab.add_argument("--out", required=True)
     lab.add_argument("--format", choices=["imagefolder", "parquet"], default="imagefolder")
@@ -107,6 +118,8 @@ def main(argv: list[str] | None = None) -> int:
         aligner.save(args.out)
         print(json.dumps(aligner.info, indent=1))
         return 0
+    if args.cmd == "generate":
+        return _generate_cmd(args)
     if args.cmd == "dedup":
         return _dedup_cmd(args)
     if args.cmd == "make-lab":
@@ -132,6 +145,47 @@ def main(argv: list[str] | None = None) -> int:
         print(f"wrote {len(lab_obj.items)} items ({sum(i.is_dup for i in lab_obj.items)} from duplicated instances) to {path}")
         return 0
     return 1
+
+
+def _generate_cmd(args) -> int:
+    import json
+    from pathlib import Path
+
+    from PIL import Image
+
+    from guard_train.config.loader import resolve_model_path
+    from guard_train.guidance.base import ParamError
+    from guard_train.guidance.engine import GuidanceEngine
+    from guard_train.guidance.strategies import get_strategy
+    from guard_train.models.loading import ModelLoadError
+
+    p = Path(args.prompts)
+    prompts = [l.strip() for l in p.read_text().splitlines() if l.strip()] if p.is_file() else [args.prompts]
+    params = {}
+    for kv in args.param:
+        k, sep, v = kv.partition("=")
+        if not sep:
+            print(f"error: --param expects K=V, got {kv!r}", file=sys.stderr)
+            return 2
+        params[k] = v
+    try:
+        get_strategy(args.method, **params)  # validate before loading anything
+        engine = GuidanceEngine.from_pretrained(resolve_model_path(args.model), lora=args.lora or None,
+                                                max_batch=args.max_batch)
+        res = engine.generate(prompts, method=args.method, num_images=args.num_images, seed=args.seed,
+                              steps=args.steps, progress=True, **params)
+    except (ParamError, ModelLoadError) as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "generations.jsonl", "w") as f:
+        for img, rec in zip(res.images, res.records):
+            name = f"p{rec['prompt_index']:04d}_i{rec['image_index']:02d}.png"
+            Image.fromarray(img).save(out / name)
+            f.write(json.dumps({"file": name, **rec}) + "\n")
+    print(f"wrote {len(res.images)} images and generations.jsonl to {out}")
+    return 0
 
 
 def _dedup_cmd(args) -> int:

@@ -149,7 +149,7 @@ class GuardAttnProcessor:
     def _edit(self, S: torch.Tensor) -> torch.Tensor:
         st = self.state
         B, H, N, T = S.shape
-        if st.spike is not None:
+        if st.spike is not None and bool(st.spike.rows.any()):
             rows = st.spike.rows.to(S.device)
             sub = S[rows].reshape(-1, N, T)  # ((sel·H), N, T): one statistic per (sample, head), as GUARD
             spikes = spike_mask(sub, st.spike.tau)

@@ -1,0 +1,228 @@
+"""The denoising loop every inference method shares (GUARD and all baselines).
+
+Wraps a `StableDiffusionPipeline` (a tiny SD, an SD 1.x/2.x directory, + LoRA via `load_lora_weights`) without
+forking it: its UNet, text encoder, VAE and any diffusers scheduler (DDIM by default). Per step the strategy names
+its branches; the engine stacks every branch's rows (all prompts × images) into as few UNet calls as `max_batch`
+allows, routes per-row attention edits through the shared cross-attention processor, hands the predictions to
+`strategy.combine`, and steps the scheduler. Per-prompt seeds (seed + prompt index) as in the papers. With method
+`cfg` it reproduces `StableDiffusionPipeline.__call__` for the same seed and settings (tests/test_engine.py).
+Recorded per step and row: ‖ε_c − ε_u‖ (Wen's magnitude; for GUARD the unmodified prompt's branch).
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from diffusers.utils.torch_utils import randn_tensor
+from tqdm.auto import tqdm
+
+from guard_train.attention.processor import CrossAttnState, SpikeEdit, cross_attention_layers, install
+from guard_train.guidance.base import Branch, Strategy
+
+
+@dataclass
+class GenContext:
+    engine: "GuidanceEngine"
+    prompts: list[str]  # one per row (prompt repeated per image)
+    prompt_index: list[int]  # per row
+    cond: torch.Tensor  # (R, T, D)
+    uncond: torch.Tensor
+    lengths: torch.Tensor  # (R,) unpadded token count (BOS..first EOS) — "L" in methods.md §0.2
+    latents0: torch.Tensor
+    timesteps: torch.Tensor
+    steps: int
+    state: dict[str, Any] = field(default_factory=dict)  # strategy scratch space
+    stats: dict[str, list] = field(default_factory=lambda: {"magnitude": []})
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts)
+
+
+@dataclass
+class GenerationResult:
+    images: np.ndarray  # (R, H, W, 3) uint8, rows ordered prompt-major
+    records: list[dict]
+
+
+class GuidanceEngine:
+    def __init__(self, pipe, max_batch: int = 64):
+        self.pipe, self.max_batch = pipe, max_batch
+        self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
+        self.scheduler = pipe.scheduler
+        self.attn: Optional[CrossAttnState] = None
+
+    @classmethod
+    def from_pretrained(cls, path: str, lora: Optional[str] = None, **kw) -> "GuidanceEngine":
+        from guard_train.models.loading import load_pipeline
+
+        pipe = load_pipeline(path)
+        if lora:
+            pipe.load_lora_weights(lora)
+        pipe.set_progress_bar_config(disable=True)
+        return cls(pipe, **kw)
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def layers(self) -> list[str]:
+        return cross_attention_layers(self.unet)
+
+    def clear_attention(self) -> None:
+        """No edits, no captures: the UNet behaves exactly like the default (SDPA) until asked otherwise."""
+        if self.attn is not None:
+            st = self.attn
+            st.token_mask = st.token_logit_scale = st.spike = None
+            st.capture, st.capture_maps, st.edit_layers = set(), set(), None
+            st.reset()
+
+    # -- text ----------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        tok = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
+                             truncation=True, return_tensors="pt")
+        emb = self.text_encoder(tok.input_ids.to(self.device))[0]
+        lengths = torch.tensor([len(self.tokenizer(p, truncation=True, max_length=77).input_ids) for p in prompts])
+        return emb, lengths
+
+    # -- one UNet evaluation over all requested branches -----------------------------------------------------------
+    def predict(self, latents: torch.Tensor, t, branches: dict[str, Branch], strategy: Strategy) -> dict[str, torch.Tensor]:
+        R = latents.shape[0]
+        names = list(branches)
+        x = self.scheduler.scale_model_input(torch.cat([latents] * len(names)), t)
+        emb = torch.cat([branches[n].embeds for n in names]).to(self.unet.dtype)
+        edits = [branches[n].edit for n in names]
+        use_attn = any(e is not None for e in edits) or strategy.needs_attention()
+        if use_attn and self.attn is None:
+            self.attn = install(self.unet, "all")
+        out, fired, maps = [], [], []
+        for s in range(0, len(x), self.max_batch):
+            sl = slice(s, min(s + self.max_batch, len(x)))
+            if self.attn is not None:
+                self._set_edits(edits, R, sl, strategy)
+            out.append(self.unet(x[sl], t, emb[sl]).sample)
+            if self.attn is not None:
+                fired.append(dict(self.attn.spikes_fired))
+                maps.append(dict(self.attn.maps))
+        eps = torch.cat(out)
+        # attention outputs of all chunks, concatenated per layer (rows in batch order)
+        self.last_fired = {k: torch.cat([f[k] for f in fired if k in f]) for k in (fired[0] if fired else {})}
+        self.last_maps = {k: torch.cat([m[k] for m in maps if k in m]) for k in (maps[0] if maps else {})}
+        self.last_names = names
+        return {n: eps[k * R : (k + 1) * R] for k, n in enumerate(names)}
+
+    def _set_edits(self, edits, R: int, sl: slice, strategy: Strategy) -> None:
+        st = self.attn
+        st.reset()
+        st.edit_layers = strategy.edit_layers
+        st.capture_maps = set(strategy.capture_maps)
+        T = self.tokenizer.model_max_length
+        mask = torch.ones(len(edits) * R, T, dtype=torch.bool)
+        scale = torch.ones(len(edits) * R, T)
+        spike_rows = torch.zeros(len(edits) * R, dtype=torch.bool)
+        has_mask = has_scale = False
+        spike = None
+        for k, e in enumerate(edits):
+            if e is None:
+                continue
+            r = slice(k * R, (k + 1) * R)
+            if e.token_mask is not None:
+                mask[r], has_mask = e.token_mask, True
+            if e.token_logit_scale is not None:
+                scale[r], has_scale = e.token_logit_scale, True
+            if e.spike is not None:
+                spike_rows[r], spike = True, e.spike
+        st.token_mask = mask[sl] if has_mask else None
+        st.token_logit_scale = scale[sl] if has_scale else None
+        st.spike = SpikeEdit(spike_rows[sl], *spike) if spike is not None else None
+
+    # -- the loop ------------------------------------------------------------------------------------------------
+    @torch.no_grad()
+    def run(self, ctx: GenContext, strategy: Strategy, latents: Optional[torch.Tensor] = None,
+            progress: bool = False) -> torch.Tensor:
+        """Denoise from ctx.latents0 (or `latents`) with `strategy`; returns final latents. Probe passes call this."""
+        self.scheduler.set_timesteps(ctx.steps, device=self.device)
+        x = (ctx.latents0 if latents is None else latents).clone()
+        for i, t in enumerate(tqdm(self.scheduler.timesteps, disable=not progress, desc=strategy.name)):
+            eps = self.predict(x, t, strategy.branches(i, int(t), ctx), strategy)
+            self._record(eps, ctx)
+            if self.attn is not None and self.last_fired:
+                ctx.state.setdefault("spikes_per_step", []).append(self.last_fired)
+            if self.attn is not None and self.last_maps:
+                ctx.state["last_maps"] = (self.last_names, self.last_maps)  # only the last step's are kept
+            x = self.scheduler.step(strategy.combine(eps, i, int(t), ctx), t, x).prev_sample
+        return x
+
+    def _record(self, eps: dict[str, torch.Tensor], ctx: GenContext) -> None:
+        c = eps.get("neg", eps.get("cond"))
+        if c is not None and "uncond" in eps:
+            ctx.stats["magnitude"].append((c - eps["uncond"]).flatten(1).norm(dim=1).float().cpu())
+
+    @torch.no_grad()
+    def decode(self, latents: torch.Tensor) -> np.ndarray:
+        img = self.vae.decode(latents / self.vae.config.scaling_factor).sample
+        return ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+
+    def generate(self, prompts: list[str] | str, method: str = "cfg", num_images: int = 1, seed: int = 0,
+                 steps: int = 50, height: Optional[int] = None, width: Optional[int] = None,
+                 progress: bool = False, **params) -> GenerationResult:
+        from guard_train.guidance.strategies import get_strategy
+
+        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        strategy = get_strategy(method, **params)
+        t0 = time.time()
+        rows = [p for p in prompts for _ in range(num_images)]
+        pidx = [k for k in range(len(prompts)) for _ in range(num_images)]
+        ctx = self._context(rows, pidx, prompts, num_images, seed, steps, height, width)
+        self.clear_attention()
+        try:
+            strategy.prepare(ctx)
+            x = self.run(ctx, strategy, progress=progress)
+        finally:
+            self.clear_attention()
+        images = self.decode(x)
+        wall = time.time() - t0
+        mag = torch.stack(ctx.stats["magnitude"], 1) if ctx.stats["magnitude"] else None  # (R, steps)
+        records = []
+        for r in range(len(rows)):
+            rec = {"prompt": prompts[pidx[r]], "prompt_index": pidx[r], "image_index": r % num_images,
+                   "seed": seed + pidx[r], "method": strategy.name, "params": vars(strategy.p), "steps": steps,
+                   "wall_s_batch": round(wall, 3)}
+            if mag is not None:
+                rec["magnitude_first_step"] = float(mag[r, 0])
+                rec["magnitude_mean"] = float(mag[r].mean())
+            rec.update(strategy_record(ctx, r))
+            records.append(rec)
+        return GenerationResult(images, records)
+
+    def _context(self, rows, pidx, prompts, n, seed, steps, height, width) -> GenContext:
+        h = height or self.unet.config.sample_size * self.pipe.vae_scale_factor
+        w = width or self.unet.config.sample_size * self.pipe.vae_scale_factor
+        shape = (n, self.unet.config.in_channels, h // self.pipe.vae_scale_factor, w // self.pipe.vae_scale_factor)
+        lat = [randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed + k), device=self.device,
+                            dtype=self.unet.dtype) for k in range(len(prompts))]
+        latents0 = torch.cat(lat) * self.scheduler.init_noise_sigma
+        cond, lengths = self.encode(rows)
+        uncond, _ = self.encode([""] * len(rows))
+        self.scheduler.set_timesteps(steps, device=self.device)
+        return GenContext(self, rows, pidx, cond, uncond, lengths, latents0, self.scheduler.timesteps.clone(), steps,
+                          state={"seed": seed, "prompt_list": prompts})
+
+
+def strategy_record(ctx: GenContext, r: int) -> dict:
+    out = {}
+    fired = ctx.state.get("spikes_per_step", [])
+    if fired:  # GUARD: attenuated positions per (sample, head) of this row, mean over steps and edited layers
+        out["spikes_fired_mean"] = float(np.mean([float(torch.stack([v[r] for v in f.values()]).mean())
+                                                  for f in fired]))
+    for k in ("transition_step", "opt_iterations", "opt_loss"):
+        if k in ctx.state:
+            v = ctx.state[k]
+            out[k] = v[r].item() if torch.is_tensor(v) else v[r] if isinstance(v, list) else v
+    return out

@@ -1,0 +1,82 @@
+"""Prompt perturbations — Somepalli et al., "Understanding and Mitigating Copying in Diffusion Models" (NeurIPS
+2023), `sd_mitigation.py` (methods.md §6.3), each followed by ordinary CFG (w = 7.5):
+* `gni`            Gaussian noise λ·N(0, 1) (λ = 0.1) on the prompt embeddings, both CFG branches.
+* `random_token`   insert 4 random vocabulary tokens (ids < 49400) at random word positions.
+* `word_repeat`    insert 4 words sampled from the prompt at random word positions.
+* `random_number`  insert 4 random integers in [0, 100000) at random word positions.
+Randomness is seeded per prompt (seed + prompt index), so outputs are deterministic.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from guard_train.guidance.base import Strategy, cfg_combine
+
+
+class GNI(Strategy):
+    name = "gni"
+
+    @dataclass
+    class Params:
+        guidance_scale: float = 7.5
+        noise_lambda: float = 0.1
+
+    def prepare(self, ctx):
+        g = torch.Generator().manual_seed(ctx.state["seed"] + 7_777)
+        noise = lambda x: x + self.p.noise_lambda * torch.randn(x.shape, generator=g).to(x)
+        ctx.cond, ctx.uncond = noise(ctx.cond), noise(ctx.uncond)
+
+    def combine(self, eps, i, t, ctx):
+        return cfg_combine(eps["uncond"], eps["cond"], self.p.guidance_scale)
+
+
+class _Insert(Strategy):
+    @dataclass
+    class Params:
+        guidance_scale: float = 7.5
+        repeats: int = 4
+
+    def words(self, prompt: str, rng: np.random.Generator, tokenizer) -> list[str]:
+        raise NotImplementedError
+
+    def prepare(self, ctx):
+        new = []
+        for r, p in enumerate(ctx.prompts):
+            rng = np.random.default_rng([ctx.state["seed"] + ctx.prompt_index[r], r])
+            words = p.split()
+            for w in self.words(p, rng, ctx.engine.tokenizer):
+                words.insert(int(rng.integers(0, len(words) + 1)), w)
+            new.append(" ".join(words))
+        ctx.prompts = new
+        ctx.cond, ctx.lengths = ctx.engine.encode(new)
+        ctx.state["augmented_prompts"] = new
+
+    def combine(self, eps, i, t, ctx):
+        return cfg_combine(eps["uncond"], eps["cond"], self.p.guidance_scale)
+
+
+class RandomToken(_Insert):
+    name = "random_token"
+
+    def words(self, prompt, rng, tok):
+        hi = min(49400, len(tok))
+        return [tok.decode([int(i)]).strip() or "x" for i in rng.integers(0, hi, size=self.p.repeats)]
+
+
+class WordRepeat(_Insert):
+    name = "word_repeat"
+
+    def words(self, prompt, rng, tok):
+        w = prompt.split()
+        return [w[int(i)] for i in rng.integers(0, len(w), size=self.p.repeats)] if w else []
+
+
+class RandomNumber(_Insert):
+    name = "random_number"
+
+    def words(self, prompt, rng, tok):
+        return [str(int(x)) for x in rng.integers(0, 100_000, size=self.p.repeats)]

@@ -1,0 +1,131 @@
+"""Prompt-embedding optimisation at step 0, then an ordinary CFG generation.
+
+* `wen_opt` — Wen et al., "Detecting, Explaining, and Mitigating Memorization in Diffusion Models" (ICLR 2024),
+  `aug_prompt` (methods.md §5.4): minimise L(e) = ‖ε_θ(x_T, e) − ε_θ(x_T, ∅)‖₂ (Frobenius over the prompt's N
+  images) over the conditional embedding e (position 0 frozen) with AdamW (lr 0.05), ≤ 10 iterations, stopping
+  when L ≤ 3. Each prompt is optimised on its own (per-prompt stopping; stopped prompts are frozen).
+* `be_opt` — Bright Ending (Chen et al., ICLR 2025), `inference_mem.py --run_version ours_A` (§4.1, §4.4): a
+  baseline CFG pass records the cross-attention of the end token (position L−1) at the last step in the two
+  highest-resolution down-block layers, heads and layers averaged → mask m (raw probabilities at latent
+  resolution, no normalisation); then the same optimisation with L(e) = ‖(ε_c − ε_u) ⊙ m‖₂ / mean(m), target 1.
+Note: the norm grows with the latent size, so the targets (set for SD v1.4 at 512 px) may need rescaling.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Optional
+
+import torch
+
+from guard_train.guidance.base import Strategy, cfg_combine
+
+
+class WenOpt(Strategy):
+    name = "wen_opt"
+
+    @dataclass
+    class Params:
+        guidance_scale: float = 7.5
+        lr: float = 0.05
+        max_iters: int = 10
+        target_loss: float = 3.0
+
+    def mask(self, ctx) -> Optional[torch.Tensor]:
+        return None
+
+    def prepare(self, ctx):
+        m = self.mask(ctx)
+        eng = ctx.engine
+        eng.clear_attention()
+        t0 = ctx.timesteps[0]
+        eng.scheduler.set_timesteps(ctx.steps, device=eng.device)
+        x = eng.scheduler.scale_model_input(ctx.latents0, t0)
+        with torch.no_grad():
+            eps_u = eng.unet(x, t0, ctx.uncond.to(eng.unet.dtype)).sample.float()
+        groups = torch.tensor(ctx.prompt_index)
+        P = int(groups.max()) + 1
+        emb = ctx.cond.detach().clone().float().requires_grad_(True)
+        opt = torch.optim.AdamW([emb], lr=self.p.lr)
+        active = torch.ones(P, dtype=torch.bool)
+        iters = torch.zeros(P, dtype=torch.long)
+        loss_p = torch.zeros(P)
+        with torch.enable_grad():
+            for _ in range(self.p.max_iters):
+                eps_c = eng.unet(x, t0, emb.to(eng.unet.dtype)).sample.float()
+                diff = eps_c - eps_u
+                if m is not None:
+                    diff = diff * m
+                sq = diff.flatten(1).pow(2).sum(1)  # per row
+                loss = torch.zeros(P).index_add(0, groups, sq).sqrt()  # Frobenius over each prompt's rows
+                if m is not None:
+                    loss = loss / torch.zeros(P).index_add(0, groups, m.flatten(1).mean(1)).div(
+                        torch.bincount(groups, minlength=P)).clamp_min(1e-12)
+                loss_p = torch.where(active, loss.detach(), loss_p)
+                active &= loss.detach() > self.p.target_loss  # early stop per prompt, before the update
+                if not active.any():
+                    break
+                (g,) = torch.autograd.grad(loss[active].sum(), emb)  # no grads accumulate in the UNet
+                g[:, 0] = 0  # BOS embedding frozen
+                g[~active[groups]] = 0
+                frozen = emb.detach()[~active[groups]].clone()
+                emb.grad = g
+                opt.step()
+                with torch.no_grad():
+                    emb[~active[groups]] = frozen  # AdamW's decay/momentum must not move stopped prompts
+                iters[active] += 1
+        ctx.cond = emb.detach().to(ctx.cond.dtype)
+        ctx.state["opt_iterations"] = iters[groups].tolist()
+        ctx.state["opt_loss"] = loss_p[groups].tolist()
+
+    def combine(self, eps, i, t, ctx):
+        return cfg_combine(eps["uncond"], eps["cond"], self.p.guidance_scale)
+
+
+class _Baseline(Strategy):
+    name = "be_baseline"
+
+    def __init__(self, w: float, layers: set[str]):
+        super().__init__(guidance_scale=w)
+        self.capture_maps = layers
+
+    def combine(self, eps, i, t, ctx):
+        return cfg_combine(eps["uncond"], eps["cond"], self.p.guidance_scale)
+
+
+def end_token_mask(maps: dict[str, torch.Tensor], rows: slice, lengths: torch.Tensor, latent_hw: tuple[int, int]):
+    """Average the layers' head-averaged maps (B, Q, T) of the given rows at token L−1 → (R, 1, h, w)."""
+    ms = []
+    for a in maps.values():
+        a = a[rows]
+        ms.append(a[torch.arange(a.shape[0]), :, lengths - 1])
+    m = torch.stack(ms).mean(0)
+    return m.view(-1, 1, *latent_hw)
+
+
+class BrightEndingOpt(WenOpt):
+    name = "be_opt"
+
+    @dataclass
+    class Params:
+        guidance_scale: float = 7.5
+        lr: float = 0.05
+        max_iters: int = 10
+        target_loss: float = 1.0
+
+    def mask(self, ctx):
+        eng = ctx.engine
+        h, w = ctx.latents0.shape[-2:]
+        layers = {l for l in eng.layers if l.startswith("down_blocks.0.")}  # the two highest-resolution layers
+        if not layers:
+            raise ValueError("be_opt needs cross-attention in down_blocks.0 (the highest-resolution layers)")
+        keep = ctx.stats["magnitude"]
+        ctx.stats["magnitude"] = []
+        eng.run(ctx, _Baseline(self.p.guidance_scale, layers))  # the baseline pass (costs one generation)
+        ctx.stats["magnitude"] = keep
+        names, maps = ctx.state.pop("last_maps")
+        R = ctx.rows
+        k = names.index("cond")
+        m = end_token_mask(maps, slice(k * R, (k + 1) * R), ctx.lengths, (h, w))
+        ctx.state["be_mask"] = m
+        return m.to(ctx.latents0.device)
