@@ -39,13 +39,22 @@ class UnionFind:
         return np.array([self.find(i) for i in range(len(self.p))])
 
 
-def pairs_sscd(emb: np.ndarray, threshold: float) -> np.ndarray:
+def pairs_sscd(emb: np.ndarray, threshold: float, index: str = "auto") -> np.ndarray:
+    """All pairs with cosine ≥ threshold. `flat` is exact (O(N²)); `ivf` (inverted lists, 64 of ~4√N probed)
+    is approximate and much faster on large sets; `auto` = flat up to 20k items."""
     import faiss
 
     x = np.ascontiguousarray(emb.astype(np.float32))
-    index = faiss.IndexFlatIP(x.shape[1])
-    index.add(x)
-    lims, _, nbr = index.range_search(x, float(threshold))
+    d = x.shape[1]
+    if index == "ivf" or (index == "auto" and len(x) > 20_000):
+        nlist = int(4 * np.sqrt(len(x)))
+        idx = faiss.IndexIVFFlat(faiss.IndexFlatIP(d), d, nlist, faiss.METRIC_INNER_PRODUCT)
+        idx.train(x[np.random.default_rng(0).choice(len(x), min(len(x), 40 * nlist), replace=False)])
+        idx.nprobe = min(64, nlist)
+    else:
+        idx = faiss.IndexFlatIP(d)
+    idx.add(x)
+    lims, _, nbr = idx.range_search(x, float(threshold))
     src = np.repeat(np.arange(len(x)), np.diff(lims).astype(np.int64))
     keep = src < nbr
     return np.stack([src[keep], nbr[keep]], 1)

@@ -377,7 +377,8 @@ class Trainer:
     def _state(self) -> TrainState:
         return TrainState(self.acc, self.step, self.epoch, self.run_dir, self.metrics, self.pipeline)
 
-    def train(self) -> dict:
+    def setup(self) -> None:
+        """Everything before the first step: data, sampler, model, optimizer, RNG streams, resume, run dir."""
         cfg, t, acc = self.cfg, self.cfg.train, self.acc
         self.dataset, self.lab_root = make_dataset(cfg, self.run_dir, acc)
         self.streaming = isinstance(self.dataset, torch.utils.data.IterableDataset)
@@ -395,7 +396,7 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(t.seed * 1_000_003 + 7919 * (self.rank + 1))  # per-rank noise
         self.vae_gen = torch.Generator().manual_seed(t.seed * 1_000_003 + 104_729 * (self.rank + 1))
         self.np_rng = np.random.default_rng([t.seed, self.rank, 1])
-        self.step, self.epoch, self.items_done = 0, 0, 0
+        self.step, self.epoch, self.items_done, self.good_seen = 0, 0, 0, 0
         self.latent_cache: dict[int, torch.Tensor] = {}
         if self.resume_from:
             self.load_checkpoint(self.resume_from)
@@ -404,72 +405,83 @@ class Trainer:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+
+    def batches(self):
+        """Micro-batches forever, epoch after epoch, from the resumed position; runs the epoch-end hooks."""
+        t, acc = self.cfg.train, self.acc
+        while True:
+            self.sampler.set_epoch(self.epoch)
+            self.dataset.epoch = self.epoch  # per-epoch crop/flip randomness
+            self.sampler.start_at(self.items_done)
+            dl = torch.utils.data.DataLoader(self.dataset, batch_size=t.batch_size,
+                                             sampler=None if self.streaming else self.sampler,
+                                             collate_fn=loaders.collate, num_workers=self.cfg.data.num_workers,
+                                             drop_last=True)
+            for batch in self._batches(dl):
+                self.items_done += t.batch_size
+                self.bad += batch["bad"]
+                self.good_seen += len(batch["ids"])
+                yield batch
+            self.epoch += 1
+            self.items_done = 0
+            if acc.reduce(torch.tensor([self.good_seen], device=acc.device), "sum").item() == 0:
+                raise loaders.DataError("no image in the dataset could be decoded; see bad_items.json")
+            for cb in self.hooks.callbacks:
+                cb.on_epoch_end(self._state())
+
+    def micro_step(self, batch: dict) -> tuple[dict, str]:
+        """Forward, hooks, backward and (on sync steps) the optimizer step for one micro-batch.
+        Returns (logs, skip reason or "")."""
+        t, acc = self.cfg.train, self.acc
+        with acc.accumulate(self.unet):
+            self._kept = 0
+            if len(batch["ids"]):
+                loss, logs = self._loss(batch)
+            else:
+                loss, logs = self._empty_loss(), {"loss": float("nan"), "kept": 0.0}
+            # one collective for both agreements: [non-finite on any rank, samples kept on all ranks]
+            flags = acc.reduce(torch.tensor([float(not torch.isfinite(loss)), float(self._kept)],
+                                            device=acc.device), "sum")
+            reason = "skipped_nonfinite" if flags[0] > 0 else ("skipped_all_dropped" if flags[1] == 0 else "")
+            if reason:  # every rank skips this micro-step together: no hang, no divergent update
+                self.optimizer.zero_grad(set_to_none=True)
+                self.metrics[reason] = self.metrics.get(reason, 0) + 1
+                return (logs if reason == "skipped_all_dropped" else {}), reason
+            acc.backward(loss)
+            if acc.sync_gradients:
+                acc.clip_grad_norm_(self.params, t.max_grad_norm)
+            self.optimizer.step()
+            self.lr_scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+        return logs, ""
+
+    def train(self) -> dict:
+        cfg, t, acc = self.cfg, self.cfg.train, self.acc
+        self.setup()
         acc.init_trackers("guard_train", config=_flat(cfg))
         for cb in self.hooks.callbacks:
             cb.on_train_begin(self._state())
         bar = tqdm(total=self.max_steps, initial=self.step, desc="train", disable=not acc.is_local_main_process,
                    mininterval=5)
         t0, window = time.time(), []
-        good_seen = 0
+        batches = self.batches()
         while self.step < self.max_steps:
-            self.sampler.set_epoch(self.epoch)
-            self.dataset.epoch = self.epoch  # per-epoch crop/flip randomness
-            self.sampler.start_at(self.items_done)
-            dl = torch.utils.data.DataLoader(self.dataset, batch_size=t.batch_size,
-                                             sampler=None if self.streaming else self.sampler,
-                                             collate_fn=loaders.collate, num_workers=cfg.data.num_workers,
-                                             drop_last=True)
-            for batch in self._batches(dl):
-                self.items_done += t.batch_size
-                self.bad += batch["bad"]
-                good_seen += len(batch["ids"])
-                with acc.accumulate(self.unet):
-                    self._kept = 0
-                    if len(batch["ids"]):
-                        loss, logs = self._loss(batch)
-                    else:
-                        loss, logs = self._empty_loss(), {"loss": float("nan"), "kept": 0.0}
-                    # one collective for both agreements: [non-finite on any rank, samples kept on all ranks]
-                    flags = acc.reduce(torch.tensor([float(not torch.isfinite(loss)), float(self._kept)],
-                                                    device=acc.device), "sum")
-                    reason = "skipped_nonfinite" if flags[0] > 0 else ("skipped_all_dropped" if flags[1] == 0 else "")
-                    if reason:  # every rank skips this micro-step together: no hang, no divergent update
-                        self.optimizer.zero_grad(set_to_none=True)
-                        self.metrics[reason] = self.metrics.get(reason, 0) + 1
-                        if reason == "skipped_all_dropped":
-                            window.append(logs)
-                        continue
-                    acc.backward(loss)
-                    if acc.sync_gradients:
-                        acc.clip_grad_norm_(self.params, t.max_grad_norm)
-                    self.optimizer.step()
-                    self.lr_scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
+            logs, skipped = self.micro_step(next(batches))
+            if logs:
                 window.append(logs)
-                if not acc.sync_gradients:
-                    continue
-                if self.ema is not None:
-                    self.ema.step(self.params)
-                self.step += 1
-                bar.update(1)
-                if self.step % cfg.run.log_every == 0 or self.step == self.max_steps:
-                    self._log(window, t0)
-                    window = []
-                for cb in self.hooks.callbacks:
-                    cb.on_step_end(self._state())
-                if t.checkpoint_every and self.step % t.checkpoint_every == 0:
-                    self.save_checkpoint()
-                if self.step >= self.max_steps:
-                    break
-            else:
-                self.epoch += 1
-                self.items_done = 0
-                if acc.reduce(torch.tensor([good_seen], device=acc.device), "sum").item() == 0:
-                    raise loaders.DataError("no image in the dataset could be decoded; see bad_items.json")
-                for cb in self.hooks.callbacks:
-                    cb.on_epoch_end(self._state())
+            if skipped or not acc.sync_gradients:
                 continue
-            break
+            if self.ema is not None:
+                self.ema.step(self.params)
+            self.step += 1
+            bar.update(1)
+            if self.step % cfg.run.log_every == 0 or self.step == self.max_steps:
+                self._log(window, t0)
+                window = []
+            for cb in self.hooks.callbacks:
+                cb.on_step_end(self._state())
+            if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                self.save_checkpoint()
         bar.close()
         self.metrics["train_wall_s"] = round(time.time() - t0, 1)
         self.save_checkpoint()
