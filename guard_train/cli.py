@@ -88,6 +88,15 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--seed", type=int, default=0)
     g.add_argument("--max-batch", type=int, default=64)
     g.add_argument("--out", required=True)
+    de = sub.add_parser("detect", help="memorization detection scores per prompt; CSV + AUROC summary")
+    de.add_argument("--model", default="models/tiny-sd")
+    de.add_argument("--lora", default="")
+    de.add_argument("--prompts", required=True, help="jsonl with prompt + label (1 = memorized), e.g. the lab's "
+                                                      "detect_prompts.jsonl")
+    de.add_argument("--num-images", type=int, default=4)
+    de.add_argument("--steps", type=int, default=50)
+    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--out", required=True)
     lab = sub.add_parser("make-lab", help="write the lab dataset (imagefolder or parquet) with its manifest")
     lab.add_argument("--out", required=True)
     lab.add_argument("--format", choices=["imagefolder", "parquet"], default="imagefolder")
@@ -122,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
         return _generate_cmd(args)
     if args.cmd == "dedup":
         return _dedup_cmd(args)
+    if args.cmd == "detect":
+        return _detect_cmd(args)
     if args.cmd == "make-lab":
         from dataclasses import fields
 
@@ -185,6 +196,51 @@ def _generate_cmd(args) -> int:
             Image.fromarray(img).save(out / name)
             f.write(json.dumps({"file": name, **rec}) + "\n")
     print(f"wrote {len(res.images)} images and generations.jsonl to {out}")
+    return 0
+
+
+def _detect_cmd(args) -> int:
+    import csv
+    import json
+    from pathlib import Path
+
+    import numpy as np
+
+    from guard_train.config.loader import resolve_model_path
+    from guard_train.guidance.engine import GuidanceEngine
+    from guard_train.metrics.detection import detect, summarize
+    from guard_train.models.loading import ModelLoadError
+
+    src = Path(args.prompts)
+    if not src.is_file():
+        print(f"error: prompt file {args.prompts!r} not found (jsonl: {{\"prompt\": ..., \"label\": 0|1}})",
+              file=sys.stderr)
+        return 2
+    try:
+        rows = [json.loads(l) for l in src.read_text().splitlines() if l.strip()]
+        prompts, labels = [r["prompt"] for r in rows], np.array([int(r["label"]) for r in rows])
+    except (json.JSONDecodeError, KeyError, ValueError) as e:
+        print(f"error: {args.prompts}: each line must be JSON with 'prompt' and 'label' (0/1): {e}", file=sys.stderr)
+        return 2
+    try:
+        eng = GuidanceEngine.from_pretrained(resolve_model_path(args.model), lora=args.lora or None)
+    except ModelLoadError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    scores, per_prompt_s = detect(eng, prompts, args.num_images, args.steps, args.seed)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    with open(out / "scores.csv", "w", newline="") as f:
+        w = csv.writer(f)
+        w.writerow(["prompt", "label", *scores])
+        for i, p in enumerate(prompts):
+            w.writerow([p, int(labels[i]), *[f"{scores[k][i]:.6g}" for k in scores]])
+    summary = {"prompts": len(prompts), "memorized": int(labels.sum()), "images_per_prompt": args.num_images,
+               "steps": args.steps, "wall_s_per_prompt": round(per_prompt_s, 3)}
+    if 0 < labels.sum() < len(labels):
+        summary["scores"] = {k: summarize(v, labels) for k, v in scores.items()}
+    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    print(json.dumps(summary, indent=1))
     return 0
 
 

@@ -175,3 +175,69 @@ def test_generate_cli(tiny_sd_dir, tmp_path):
                           "--method", "guard", "--param", "tau=1", "--out", str(tmp_path / "b")], cwd=ROOT,
                          capture_output=True, text=True, timeout=180)
     assert bad.returncode == 2 and "unknown parameter(s) ['tau']" in bad.stderr and not (tmp_path / "b").exists()
+
+
+def test_ren_mask_positions_sd2_tokenizer_pads_with_zero(engine, tmp_path):
+    """SD 2.x's OpenCLIP tokenizer pads with id 0 ("!") instead of EOS: L (BOS..first EOS) must not change."""
+    from transformers import CLIPTokenizer
+
+    from guard_train.models.tiny_sd import clip_bpe_files
+
+    d = clip_bpe_files(tmp_path)
+    sd2 = CLIPTokenizer(vocab=str(d / "vocab.json"), merges=str(d / "merges.txt"), model_max_length=77, pad_token="!")
+    ids = sd2(PROMPTS[0], padding="max_length", max_length=77).input_ids
+    assert ids[-1] == 0 and sd2.pad_token_id == 0
+    sd1_len = engine.encode(PROMPTS)[1]
+    orig = engine.tokenizer
+    engine.tokenizer = sd2
+    try:
+        _, sd2_len = engine.encode(PROMPTS)
+        b = get_strategy("ren").branches(0, 999, type("C", (), {"cond": torch.zeros(2, 77, 4),
+                                                               "uncond": torch.zeros(2, 77, 4),
+                                                               "lengths": sd2_len, "rows": 2})())
+    finally:
+        engine.tokenizer = orig
+    assert sd2_len.tolist() == sd1_len.tolist()
+    first_pad = ids.index(0)
+    assert b["cond"].edit.token_mask[0].tolist() == [k < first_pad for k in range(77)]  # padding masked, EOS kept
+
+
+def test_lora_through_engine_equals_fused_lora(tiny_sd_dir, tmp_path):
+    from diffusers import StableDiffusionPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft import LoraConfig
+    from peft.utils import get_peft_model_state_dict
+
+    src = GuidanceEngine.from_pretrained(str(tiny_sd_dir))
+    src.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
+    with torch.no_grad():
+        for n, p in src.unet.named_parameters():
+            if "lora_B" in n:
+                p.normal_(0, 0.1)
+    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=convert_state_dict_to_diffusers(
+        get_peft_model_state_dict(src.unet)))
+    eng = GuidanceEngine.from_pretrained(str(tiny_sd_dir), lora=str(tmp_path))
+    a = eng.generate(PROMPTS, method="guard", steps=3)
+    eng.pipe.fuse_lora()
+    eng.pipe.unload_lora_weights()  # weights merged, adapter layers gone
+    assert not any("lora" in n for n, _ in eng.unet.named_parameters())
+    b = eng.generate(PROMPTS, method="guard", steps=3)
+    assert np.abs(a.images.astype(int) - b.images.astype(int)).max() <= 1
+
+
+def test_two_pass_methods_reuse_the_initial_noise(engine, monkeypatch):
+    seen = []
+    real = GuidanceEngine.run
+
+    def spy(self, ctx, strategy, latents=None, progress=False):
+        seen.append((strategy.name, (ctx.latents0 if latents is None else latents).clone()))
+        return real(self, ctx, strategy, latents, progress)
+
+    monkeypatch.setattr(GuidanceEngine, "run", spy)
+    for m, probe in (("opposite_dynamic", "probe"), ("be_opt", "be_baseline")):
+        seen.clear()
+        engine.generate(PROMPTS, method=m, num_images=2, steps=3, seed=4)
+        assert [s for s, _ in seen] == [probe, m]
+        assert torch.equal(seen[0][1], seen[1][1])
+        ref = engine._context(["x"] * 4, [0, 0, 1, 1], PROMPTS, 2, 4, 3, None, None).latents0
+        assert torch.equal(seen[0][1], ref)  # the same per-prompt seeded noise as a plain generation

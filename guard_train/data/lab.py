@@ -290,6 +290,13 @@ def _write_manifest(lab: Lab, root: Path) -> None:
         for it in lab.held_out:
             f.write(json.dumps(asdict(it)) + "\n")
     (root / "lab_config.json").write_text(json.dumps(asdict(lab.config), indent=2))
+    # labelled prompts for `guard-train detect`: a duplicated instance's caption is "memorized" (label 1)
+    with open(root / "detect_prompts.jsonl", "w") as f:
+        for it in lab.items:
+            if it.copy_kind == "original":
+                f.write(json.dumps({"prompt": it.caption, "label": int(it.is_dup), "group": it.caption_mode}) + "\n")
+        for it in lab.held_out:
+            f.write(json.dumps({"prompt": it.caption, "label": 0, "group": "held_out"}) + "\n")
 
 
 def read_manifest(root: str | Path) -> list[LabItem]:

@@ -47,6 +47,7 @@ class GenContext:
 class GenerationResult:
     images: np.ndarray  # (R, H, W, 3) uint8, rows ordered prompt-major
     records: list[dict]
+    stats: dict = field(default_factory=dict)  # raw per-step recordings asked for with `record=`
 
 
 class GuidanceEngine:
@@ -55,6 +56,8 @@ class GuidanceEngine:
         self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
         self.scheduler = pipe.scheduler
         self.attn: Optional[CrossAttnState] = None
+        self.record_mass: set[str] = set()  # layers whose token mass is captured on every call (detection)
+        self.record_maps: set[str] = set()  # layers whose full maps are captured (Bright Ending's end-token mask)
 
     @classmethod
     def from_pretrained(cls, path: str, lora: Optional[str] = None, **kw) -> "GuidanceEngine":
@@ -76,6 +79,7 @@ class GuidanceEngine:
 
     def clear_attention(self) -> None:
         """No edits, no captures: the UNet behaves exactly like the default (SDPA) until asked otherwise."""
+        self.record_mass, self.record_maps = set(), set()
         if self.attn is not None:
             st = self.attn
             st.token_mask = st.token_logit_scale = st.spike = None
@@ -98,10 +102,10 @@ class GuidanceEngine:
         x = self.scheduler.scale_model_input(torch.cat([latents] * len(names)), t)
         emb = torch.cat([branches[n].embeds for n in names]).to(self.unet.dtype)
         edits = [branches[n].edit for n in names]
-        use_attn = any(e is not None for e in edits) or strategy.needs_attention()
+        use_attn = any(e is not None for e in edits) or strategy.needs_attention() or bool(self.record_mass)
         if use_attn and self.attn is None:
             self.attn = install(self.unet, "all")
-        out, fired, maps = [], [], []
+        out, fired, maps, mass = [], [], [], []
         for s in range(0, len(x), self.max_batch):
             sl = slice(s, min(s + self.max_batch, len(x)))
             if self.attn is not None:
@@ -110,10 +114,11 @@ class GuidanceEngine:
             if self.attn is not None:
                 fired.append(dict(self.attn.spikes_fired))
                 maps.append(dict(self.attn.maps))
+                mass.append(dict(self.attn.mass))
         eps = torch.cat(out)
         # attention outputs of all chunks, concatenated per layer (rows in batch order)
-        self.last_fired = {k: torch.cat([f[k] for f in fired if k in f]) for k in (fired[0] if fired else {})}
-        self.last_maps = {k: torch.cat([m[k] for m in maps if k in m]) for k in (maps[0] if maps else {})}
+        cat = lambda parts: {k: torch.cat([p[k] for p in parts if k in p]) for k in (parts[0] if parts else {})}
+        self.last_fired, self.last_maps, self.last_mass = cat(fired), cat(maps), cat(mass)
         self.last_names = names
         return {n: eps[k * R : (k + 1) * R] for k, n in enumerate(names)}
 
@@ -121,7 +126,8 @@ class GuidanceEngine:
         st = self.attn
         st.reset()
         st.edit_layers = strategy.edit_layers
-        st.capture_maps = set(strategy.capture_maps)
+        st.capture_maps = set(strategy.capture_maps) | set(self.record_maps)
+        st.capture = set(self.record_mass)
         T = self.tokenizer.model_max_length
         mask = torch.ones(len(edits) * R, T, dtype=torch.bool)
         scale = torch.ones(len(edits) * R, T)
@@ -160,9 +166,17 @@ class GuidanceEngine:
         return x
 
     def _record(self, eps: dict[str, torch.Tensor], ctx: GenContext) -> None:
-        c = eps.get("neg", eps.get("cond"))
+        key = "neg" if "neg" in eps else "cond"
+        c = eps.get(key)
         if c is not None and "uncond" in eps:
-            ctx.stats["magnitude"].append((c - eps["uncond"]).flatten(1).norm(dim=1).float().cpu())
+            d = c - eps["uncond"]
+            ctx.stats["magnitude"].append(d.flatten(1).norm(dim=1).float().cpu())
+            if "diff" in ctx.stats:
+                ctx.stats["diff"].append(d.float().cpu())
+        if "mass" in ctx.stats and self.last_mass:  # conditional rows' token mass, layers in execution order
+            R, k = ctx.rows, self.last_names.index(key)
+            ctx.stats["mass"].append(torch.stack([self.last_mass[l][k * R : (k + 1) * R] for l in self.layers
+                                                  if l in self.last_mass]).cpu())
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
@@ -171,7 +185,9 @@ class GuidanceEngine:
 
     def generate(self, prompts: list[str] | str, method: str = "cfg", num_images: int = 1, seed: int = 0,
                  steps: int = 50, height: Optional[int] = None, width: Optional[int] = None,
-                 progress: bool = False, **params) -> GenerationResult:
+                 progress: bool = False, record: tuple[str, ...] = (), **params) -> GenerationResult:
+        """record: any of "attention" (cond-row token mass per step and layer), "diff" (ε_c − ε_u per step),
+        "end_maps" (last-step maps of the down_blocks.0 layers, for Bright Ending's mask)."""
         from guard_train.guidance.strategies import get_strategy
 
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -181,6 +197,13 @@ class GuidanceEngine:
         pidx = [k for k in range(len(prompts)) for _ in range(num_images)]
         ctx = self._context(rows, pidx, prompts, num_images, seed, steps, height, width)
         self.clear_attention()
+        if "attention" in record:
+            self.record_mass = set(self.layers)
+            ctx.stats["mass"] = []
+        if "diff" in record:
+            ctx.stats["diff"] = []
+        if "end_maps" in record:
+            self.record_maps = {l for l in self.layers if l.startswith("down_blocks.0.")}
         try:
             strategy.prepare(ctx)
             x = self.run(ctx, strategy, progress=progress)
@@ -199,7 +222,20 @@ class GuidanceEngine:
                 rec["magnitude_mean"] = float(mag[r].mean())
             rec.update(strategy_record(ctx, r))
             records.append(rec)
-        return GenerationResult(images, records)
+        stats = {"magnitude": mag, "lengths": ctx.lengths}
+        if ctx.stats.get("mass"):
+            stats["mass"] = torch.stack(ctx.stats["mass"])  # (steps, layers, R, T)
+        if ctx.stats.get("diff"):
+            stats["diff"] = torch.stack(ctx.stats["diff"])  # (steps, R, C, h, w)
+        if "last_maps" in ctx.state and "end_maps" in record:
+            names, maps = ctx.state["last_maps"]
+            from guard_train.guidance.strategies.wen import end_token_mask
+
+            k = names.index("neg" if "neg" in names else "cond")
+            sel = {l: m for l, m in maps.items() if l.startswith("down_blocks.0.")}
+            stats["end_mask"] = end_token_mask(sel, slice(k * ctx.rows, (k + 1) * ctx.rows), ctx.lengths,
+                                               tuple(x.shape[-2:]))
+        return GenerationResult(images, records, stats)
 
     def _context(self, rows, pidx, prompts, n, seed, steps, height, width) -> GenContext:
         h = height or self.unet.config.sample_size * self.pipe.vae_scale_factor

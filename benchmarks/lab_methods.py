@@ -1,0 +1,95 @@
+"""Every inference method at its defaults on a model fine-tuned to memorize the lab's planted duplicates.
+
+    python benchmarks/lab_methods.py --lora models/tiny-sd-memorized-lora [--images 4] [--steps 50]
+
+The lab is rebuilt from the LoRA's `lab_config.json` (the exact set it was trained on). Prompts: every duplicated
+caption and as many unique ones. Per method: copy rate (SSCD top-1 against every training image > 0.5, and > the
+lab-calibrated threshold), "own" copies (nearest training image is the prompt's own), SSCD top-1 median, lab
+alignment (attribute classifier — not CLIP), wall time ÷ CFG. Writes JSON and one image grid per method.
+"""
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+import numpy as np
+import torch
+from PIL import Image
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+from guard_train.config.loader import resolve_model_path  # noqa: E402
+from guard_train.data.lab import LabConfig, build_lab  # noqa: E402
+from guard_train.guidance.engine import GuidanceEngine  # noqa: E402
+from guard_train.guidance.strategies import METHODS  # noqa: E402
+from guard_train.metrics.alignment import LabAligner  # noqa: E402
+from guard_train.metrics.embed import get_embedder  # noqa: E402
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="models/tiny-sd")
+    ap.add_argument("--lora", default="models/tiny-sd-memorized-lora")
+    ap.add_argument("--images", type=int, default=4)
+    ap.add_argument("--steps", type=int, default=50)
+    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--out", default="docs/measurements/lab_methods.json")
+    ap.add_argument("--figures", default="docs/figures")
+    a = ap.parse_args()
+    lab_cfg = json.loads((Path(a.lora) / "lab_config.json").read_text())
+    lab = build_lab(LabConfig(**lab_cfg))
+    calib = json.loads((ROOT / "docs/measurements/lab_calibration_sscd.json").read_text())
+    origs = lab.originals
+    keys = sorted(origs)
+    train = np.stack([origs[k] for k in keys])
+    inst_caption = {it.instance: it.caption for it in lab.items if it.copy_kind == "original"}
+    dup = sorted({it.instance for it in lab.items if it.is_dup})
+    uniq = [k for k in keys if k not in dup][: len(dup)]
+    prompts = [inst_caption[k] for k in dup + uniq]
+    owner = np.repeat(np.array(dup + uniq), a.images)
+    group = np.repeat(np.array(["duplicated"] * len(dup) + ["unique"] * len(uniq)), a.images)
+    eng = GuidanceEngine.from_pretrained(resolve_model_path(a.model), lora=a.lora)
+    emb = get_embedder("sscd")
+    e_train = emb.embed(train)
+    aligner = LabAligner.load(ROOT / "models/lab-scorer")
+    results = {}
+    for m in a.methods.split(","):
+        t0 = time.perf_counter()
+        res = eng.generate(prompts, method=m, num_images=a.images, steps=a.steps, seed=0)
+        wall = time.perf_counter() - t0
+        sims = emb.embed(res.images) @ e_train.T
+        top1, nn = sims.max(1), np.array(keys)[sims.argmax(1)]
+        align = aligner.score(res.images, [prompts[r["prompt_index"]] for r in res.records])
+        r = {"wall_s": round(wall, 2)}
+        for gname in ("duplicated", "unique"):
+            s = group == gname
+            r[gname] = {"copy_rate_0.5": float((top1[s] > 0.5).mean()),
+                        "copy_rate_lab_threshold": float((top1[s] > calib["lab_threshold"]).mean()),
+                        "own_copy_rate_0.5": float(((top1[s] > 0.5) & (nn[s] == owner[s])).mean()),
+                        "top1_median": float(np.median(top1[s])), "lab_alignment": float(np.nanmean(align[s]))}
+        results[m] = r
+        rows = [np.concatenate(list(res.images[i * a.images:(i + 1) * a.images]), 1) for i in range(len(prompts))]
+        gt = [origs[k] for k in dup + uniq]
+        grid = np.concatenate([np.concatenate([g, row], 1) for g, row in zip(gt, rows)], 0)
+        Image.fromarray(grid).save(Path(a.figures) / f"lab_methods_{m}.png")
+        print(m, json.dumps(r))
+    base = results.get("cfg", {}).get("wall_s")
+    for m in results:
+        results[m]["wall_ratio_vs_cfg"] = round(results[m]["wall_s"] / base, 3) if base else None
+    out = {"command": "python benchmarks/lab_methods.py " + " ".join(sys.argv[1:]),
+           "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
+           "copy_metric": emb.name, "lab_threshold": calib["lab_threshold"], "alignment": aligner.name,
+           "prompts": {"duplicated": len(dup), "unique": len(uniq)}, "images_per_prompt": a.images,
+           "steps": a.steps, "lab_config": lab_cfg, "results": results}
+    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,76 @@
+"""Copy metrics over embeddings (any backend of metrics/embed.py; every result carries the backend's name).
+
+* Dataset level (Somepalli et al. 2023, `diff_retrieval.py`): each generation's top-1 similarity against the whole
+  training set (faiss inner-product search on L2-normalised embeddings), its mean, 75/90/95th percentiles, the
+  fraction above the copy threshold, and the train–train top-2 background (each training image's nearest *other*).
+* Per prompt (GUARD protocol, methods.md §1.5): for each generation the max over the prompt's ground-truth images,
+  then the mean over the prompt's generations.
+* Copy rate = fraction of generations whose top-1 exceeds the threshold.
+* Diversity: mean pairwise (1 − cosine) among one prompt's generations.
+* Localized similarity (Bright Ending's LS; the authors released no code — our definition): upsample the end-token
+  mask m to image size (bilinear), normalise to [0, 1] by its max, multiply the generation and each ground-truth
+  image by it, embed, and take the max cosine over ground truths.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+
+def top_k(queries: np.ndarray, reference: np.ndarray, k: int = 1) -> tuple[np.ndarray, np.ndarray]:
+    import faiss
+
+    index = faiss.IndexFlatIP(reference.shape[1])
+    index.add(np.ascontiguousarray(reference, dtype=np.float32))
+    return index.search(np.ascontiguousarray(queries, dtype=np.float32), k)
+
+
+def dataset_similarity(gen: np.ndarray, train: np.ndarray, threshold: float = 0.5) -> dict:
+    sim, _ = top_k(gen, train, 1)
+    s = sim[:, 0]
+    return {"n": int(len(s)), "mean": float(s.mean()), "p75": float(np.percentile(s, 75)),
+            "p90": float(np.percentile(s, 90)), "p95": float(np.percentile(s, 95)),
+            "copy_rate": float((s > threshold).mean()), "threshold": threshold}
+
+
+def train_background(train: np.ndarray, threshold: float = 0.5) -> dict:
+    sim, _ = top_k(train, train, 2)
+    s = sim[:, 1]  # the nearest other image (top-1 is itself)
+    return {"n": int(len(s)), "mean": float(s.mean()), "p95": float(np.percentile(s, 95)),
+            "share_above_threshold": float((s > threshold).mean())}
+
+
+def per_prompt_similarity(gen_by_prompt: list[np.ndarray], gt_by_prompt: list[np.ndarray]) -> np.ndarray:
+    """(P,) mean over a prompt's generations of the max over its ground-truth images."""
+    return np.array([(g @ gt.T).max(1).mean() for g, gt in zip(gen_by_prompt, gt_by_prompt)])
+
+
+def diversity(gen_by_prompt: list[np.ndarray]) -> np.ndarray:
+    out = []
+    for g in gen_by_prompt:
+        n = len(g)
+        if n < 2:
+            out.append(np.nan)
+            continue
+        s = g @ g.T
+        out.append(float(1 - (s.sum() - np.trace(s)) / (n * (n - 1))))
+    return np.array(out)
+
+
+def masked_images(images: np.ndarray, mask: torch.Tensor) -> np.ndarray:
+    """images uint8 (N, H, W, 3) × mask (N, 1, h, w) upsampled and max-normalised per image."""
+    m = F.interpolate(mask.float(), size=images.shape[1:3], mode="bilinear", align_corners=False)
+    m = m / m.flatten(1).amax(1).clamp_min(1e-12).view(-1, 1, 1, 1)
+    return (images.astype(np.float32) * m.permute(0, 2, 3, 1).numpy()).round().astype(np.uint8)
+
+
+def localized_similarity(embedder, gens: np.ndarray, masks: torch.Tensor, gts: list[np.ndarray]) -> np.ndarray:
+    """(N,) LS of generation i (mask i) against its ground truths gts[i] (G_i, H, W, 3)."""
+    eg = embedder.embed(masked_images(gens, masks))
+    out = []
+    for i, gt in enumerate(gts):
+        et = embedder.embed(masked_images(gt, masks[i : i + 1].expand(len(gt), -1, -1, -1)))
+        out.append(float((et @ eg[i]).max()))
+    return np.array(out)
