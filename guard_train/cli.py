@@ -51,7 +51,7 @@ def train_main(argv: list[str]) -> int:
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
-    p = argparse.ArgumentParser(prog="guard-train")
+    p = argparse.ArgumentParser(prog="guard-train", exit_on_error=True)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("train", help="fine-tune (single process; use `accelerate launch train.py` for several)",
                    add_help=False)
@@ -97,6 +97,22 @@ def main(argv: list[str] | None = None) -> int:
     de.add_argument("--steps", type=int, default=50)
     de.add_argument("--seed", type=int, default=0)
     de.add_argument("--out", required=True)
+    ev = sub.add_parser("eval", help="score checkpoints x methods for memorization; --fail-if gates (exit 1)")
+    ev.add_argument("--model", default="models/tiny-sd", help="base model")
+    ev.add_argument("--lora", action="append", default=[], help="LoRA dir (repeatable)")
+    ev.add_argument("--run", default="", help="a training run dir: evaluate every complete checkpoint and final/")
+    ev.add_argument("--prompts", default="", help="jsonl/txt prompts (default: the lab reference's prompt groups)")
+    ev.add_argument("--reference", required=True, help="lab dir or dataset of the training images")
+    ev.add_argument("--methods", default="cfg,guard")
+    ev.add_argument("--num-images", type=int, default=4)
+    ev.add_argument("--steps", type=int, default=50)
+    ev.add_argument("--seed", type=int, default=0)
+    ev.add_argument("--prompts-per-group", type=int, default=8)
+    ev.add_argument("--threshold", type=float, default=0.5)
+    ev.add_argument("--backend", default="sscd")
+    ev.add_argument("--max-batch", type=int, default=64)
+    ev.add_argument("--fail-if", action="append", default=[], metavar="COND", help='e.g. "duplicated.copy_rate>0.05"')
+    ev.add_argument("--out", required=True)
     lab = sub.add_parser("make-lab", help="write the lab dataset (imagefolder or parquet) with its manifest")
     lab.add_argument("--out", required=True)
     lab.add_argument("--format", choices=["imagefolder", "parquet"], default="imagefolder")
@@ -133,6 +149,16 @@ def main(argv: list[str] | None = None) -> int:
         return _dedup_cmd(args)
     if args.cmd == "detect":
         return _detect_cmd(args)
+    if args.cmd == "eval":
+        from guard_train.eval.command import run_eval
+
+        rc = run_eval(args)
+        import torch.distributed as dist
+
+        if dist.is_available() and dist.is_initialized():
+            dist.barrier()
+            dist.destroy_process_group()
+        return rc
     if args.cmd == "make-lab":
         from dataclasses import fields
 

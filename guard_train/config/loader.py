@@ -149,6 +149,15 @@ def validate(cfg: Config) -> None:
     _check(0.0 < m.injection.fraction < 1.0 and m.injection.weight > 0, "mitigation.injection.fraction in (0, 1)")
     _check(not (d.streaming and (m.dup_sampling.enabled or m.injection.enabled)),
            "weighted sampling (dup_sampling / injection) needs a map-style dataset: set data.streaming=false")
+    e = cfg.eval
+    _check(min(e.every_n_epochs, e.every_n_steps, e.prompts_per_group - 1, e.images_per_prompt - 1, e.steps - 1) >= 0,
+           "eval.every_n_* must be >= 0 and eval.prompts_per_group, images_per_prompt, steps >= 1")
+    from guard_train.guidance.strategies import METHODS
+
+    bad = [x for x in e.methods if x not in METHODS]
+    _check(not bad, f"eval.methods {bad} unknown; methods: {', '.join(METHODS)}")
+    _check((not (e.every_n_epochs or e.every_n_steps or e.at_end)) or d.source == "lab",
+           "eval.* (the memorization callback) needs data.source=lab in this version")
     if m.dup_sampling.clusters:
         _check(Path(m.dup_sampling.clusters).is_file(), f"mitigation.dup_sampling.clusters "
                f"{m.dup_sampling.clusters!r} does not exist: run `guard-train dedup` first or leave it empty")

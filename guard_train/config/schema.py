@@ -147,6 +147,25 @@ class SummaryConfig:
 
 
 @dataclass
+class EvalConfig:
+    """Memorization measured during training (MemorizationCallback); off unless every_n_* or at_end is set."""
+
+    every_n_epochs: int = 0
+    every_n_steps: int = 0
+    at_end: bool = False
+    methods: list[str] = field(default_factory=lambda: ["cfg", "guard"])
+    prompts_per_group: int = 8  # duplicated / unique / held-out captions each
+    images_per_prompt: int = 2
+    steps: int = 25
+    max_batch: int = 64
+    seed: int = 0
+    copy_threshold: float = 0.5
+    backend: str = "sscd"  # sscd | sscd-torchscript:<path> | pixel
+    copy_rate_limit: float = 0.0  # 0 = off; early warning when the duplicated captions' copy rate exceeds it
+    stop_on_limit: bool = False
+
+
+@dataclass
 class RunConfig:
     output_dir: str = "runs"
     name: str = ""  # default: <recipe>-<timestamp>, chosen on rank 0 and shared with every rank
@@ -163,5 +182,6 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     mitigation: MitigationConfig = field(default_factory=MitigationConfig)
+    eval: EvalConfig = field(default_factory=EvalConfig)
     summary: SummaryConfig = field(default_factory=SummaryConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -185,9 +185,12 @@ class GuidanceEngine:
 
     def generate(self, prompts: list[str] | str, method: str = "cfg", num_images: int = 1, seed: int = 0,
                  steps: int = 50, height: Optional[int] = None, width: Optional[int] = None,
-                 progress: bool = False, record: tuple[str, ...] = (), **params) -> GenerationResult:
+                 progress: bool = False, record: tuple[str, ...] = (), seeds: Optional[list[int]] = None,
+                 **params) -> GenerationResult:
         """record: any of "attention" (cond-row token mass per step and layer), "diff" (ε_c − ε_u per step),
-        "end_maps" (last-step maps of the down_blocks.0 layers, for Bright Ending's mask)."""
+        "end_maps" (last-step maps of the down_blocks.0 layers, for Bright Ending's mask).
+        seeds: one seed per prompt (default seed + prompt index), so a prompt's images do not depend on which
+        other prompts share the call (e.g. when prompts are split across processes)."""
         from guard_train.guidance.strategies import get_strategy
 
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -195,7 +198,11 @@ class GuidanceEngine:
         t0 = time.time()
         rows = [p for p in prompts for _ in range(num_images)]
         pidx = [k for k in range(len(prompts)) for _ in range(num_images)]
-        ctx = self._context(rows, pidx, prompts, num_images, seed, steps, height, width)
+        seeds = list(seeds) if seeds is not None else [seed + k for k in range(len(prompts))]
+        if len(seeds) != len(prompts):
+            raise ValueError("seeds must have one entry per prompt")
+        ctx = self._context(rows, pidx, prompts, num_images, seeds, steps, height, width)
+        ctx.state["seed"] = seed
         self.clear_attention()
         if "attention" in record:
             self.record_mass = set(self.layers)
@@ -215,7 +222,7 @@ class GuidanceEngine:
         records = []
         for r in range(len(rows)):
             rec = {"prompt": prompts[pidx[r]], "prompt_index": pidx[r], "image_index": r % num_images,
-                   "seed": seed + pidx[r], "method": strategy.name, "params": vars(strategy.p), "steps": steps,
+                   "seed": seeds[pidx[r]], "method": strategy.name, "params": vars(strategy.p), "steps": steps,
                    "wall_s_batch": round(wall, 3)}
             if mag is not None:
                 rec["magnitude_first_step"] = float(mag[r, 0])
@@ -237,18 +244,20 @@ class GuidanceEngine:
                                                tuple(x.shape[-2:]))
         return GenerationResult(images, records, stats)
 
-    def _context(self, rows, pidx, prompts, n, seed, steps, height, width) -> GenContext:
+    def _context(self, rows, pidx, prompts, n, seeds, steps, height, width) -> GenContext:
         h = height or self.unet.config.sample_size * self.pipe.vae_scale_factor
         w = width or self.unet.config.sample_size * self.pipe.vae_scale_factor
         shape = (n, self.unet.config.in_channels, h // self.pipe.vae_scale_factor, w // self.pipe.vae_scale_factor)
-        lat = [randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(seed + k), device=self.device,
-                            dtype=self.unet.dtype) for k in range(len(prompts))]
+        if isinstance(seeds, int):
+            seeds = [seeds + k for k in range(len(prompts))]
+        lat = [randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(sd), device=self.device,
+                            dtype=self.unet.dtype) for sd in seeds]
         latents0 = torch.cat(lat) * self.scheduler.init_noise_sigma
         cond, lengths = self.encode(rows)
         uncond, _ = self.encode([""] * len(rows))
         self.scheduler.set_timesteps(steps, device=self.device)
         return GenContext(self, rows, pidx, cond, uncond, lengths, latents0, self.scheduler.timesteps.clone(), steps,
-                          state={"seed": seed, "prompt_list": prompts})
+                          state={"seed": seeds[0], "seeds": seeds, "prompt_list": prompts, "images_per_prompt": n})
 
 
 def strategy_record(ctx: GenContext, r: int) -> dict:

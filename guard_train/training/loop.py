@@ -375,7 +375,11 @@ class Trainer:
         return pipe
 
     def _state(self) -> TrainState:
-        return TrainState(self.acc, self.step, self.epoch, self.run_dir, self.metrics, self.pipeline)
+        """One TrainState for the whole run (callbacks may set should_stop on it), refreshed on every call."""
+        if not hasattr(self, "_ts"):
+            self._ts = TrainState(self.acc, self.step, self.epoch, self.run_dir, self.metrics, self.pipeline)
+        self._ts.step, self._ts.epoch, self._ts.metrics = self.step, self.epoch, self.metrics
+        return self._ts
 
     def setup(self) -> None:
         """Everything before the first step: data, sampler, model, optimizer, RNG streams, resume, run dir."""
@@ -482,6 +486,9 @@ class Trainer:
                 cb.on_step_end(self._state())
             if t.checkpoint_every and self.step % t.checkpoint_every == 0:
                 self.save_checkpoint()
+            if self._state().should_stop:  # set by a callback, identically on every rank
+                self.metrics["stopped_early_at_step"] = self.step
+                break
         bar.close()
         self.metrics["train_wall_s"] = round(time.time() - t0, 1)
         self.save_checkpoint()

@@ -4,7 +4,8 @@
 * `random_token`   insert 4 random vocabulary tokens (ids < 49400) at random word positions.
 * `word_repeat`    insert 4 words sampled from the prompt at random word positions.
 * `random_number`  insert 4 random integers in [0, 100000) at random word positions.
-Randomness is seeded per prompt (seed + prompt index), so outputs are deterministic.
+Randomness is seeded per prompt and image (the prompt's seed), so outputs are deterministic and do not depend on
+which other prompts share the batch.
 """
 
 from __future__ import annotations
@@ -26,9 +27,15 @@ class GNI(Strategy):
         noise_lambda: float = 0.1
 
     def prepare(self, ctx):
-        g = torch.Generator().manual_seed(ctx.state["seed"] + 7_777)
-        noise = lambda x: x + self.p.noise_lambda * torch.randn(x.shape, generator=g).to(x)
-        ctx.cond, ctx.uncond = noise(ctx.cond), noise(ctx.uncond)
+        def noise(x: torch.Tensor, salt: int) -> torch.Tensor:
+            rows = []
+            for r in range(ctx.rows):
+                img = r % ctx.state["images_per_prompt"]
+                g = torch.Generator().manual_seed(ctx.state["seeds"][ctx.prompt_index[r]] * 1_000 + img * 2 + salt)
+                rows.append(torch.randn(x.shape[1:], generator=g))
+            return x + self.p.noise_lambda * torch.stack(rows).to(x)
+
+        ctx.cond, ctx.uncond = noise(ctx.cond, 0), noise(ctx.uncond, 1)
 
     def combine(self, eps, i, t, ctx):
         return cfg_combine(eps["uncond"], eps["cond"], self.p.guidance_scale)
@@ -46,7 +53,7 @@ class _Insert(Strategy):
     def prepare(self, ctx):
         new = []
         for r, p in enumerate(ctx.prompts):
-            rng = np.random.default_rng([ctx.state["seed"] + ctx.prompt_index[r], r])
+            rng = np.random.default_rng([ctx.state["seeds"][ctx.prompt_index[r]], r % ctx.state["images_per_prompt"]])
             words = p.split()
             for w in self.words(p, rng, ctx.engine.tokenizer):
                 words.insert(int(rng.integers(0, len(words) + 1)), w)

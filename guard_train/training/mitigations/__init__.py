@@ -28,6 +28,11 @@ def build_hooks(cfg: Config, hooks: Hooks | None = None) -> Hooks:
         h.embedding_transforms.append(gaussian_embedding_noise(m.captions.gn_lambda))
     if m.dup_sampling.enabled or m.injection.enabled:
         h.sampler_factory = WeightedSamplerFactory(cfg)
+    e = cfg.eval
+    if e.every_n_epochs or e.every_n_steps or e.at_end:
+        from guard_train.callbacks.memorization import MemorizationCallback
+
+        h.callbacks.append(MemorizationCallback(e))
     return h
 
 

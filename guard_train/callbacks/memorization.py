@@ -1,0 +1,126 @@
+"""MemorizationCallback: measure memorization during training with the GUARD engine, on every rank.
+
+Every `eval.every_n_epochs` epochs and/or `eval.every_n_steps` steps (and at the end when `eval.at_end`), each
+rank generates its share of the prompt set with the *current* weights (an in-memory pipeline, no save/reload)
+through `guidance.engine` for each configured method (default cfg and guard); results are gathered and the main
+process scores them and writes `<run>/memorization/<tag>/{metrics.json, grid_<method>.png}` and logs the numbers
+to the trackers. All ranks take part, so no rank sits in a collective while rank 0 generates alone (the
+NCCL-timeout trap of the diffusers examples). Train mode, attention processors and the global RNG are restored.
+Early warning: when the duplicated (or all) captions' copy rate exceeds `eval.copy_rate_limit`, a warning is
+written and, with `eval.stop_on_limit`, every rank stops training.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from PIL import Image
+
+from guard_train.training.hooks import Callback
+
+
+class MemorizationCallback(Callback):
+    def __init__(self, cfg):
+        self.cfg = cfg  # EvalConfig
+        self.ref = self.pset = None
+        self.history: list[dict] = []
+
+    def on_train_begin(self, state) -> None:
+        from guard_train.eval.evaluate import lab_reference_and_prompts
+
+        lab_root = Path(state.run_dir) / "data"
+        if not (lab_root / "manifest.jsonl").exists():
+            raise ValueError("the memorization callback needs the lab's manifest (data.source=lab) in this version")
+        self.ref, self.pset = lab_reference_and_prompts(lab_root, self.cfg.prompts_per_group, self.cfg.seed)
+        if state.accelerator.is_main_process:
+            d = Path(state.run_dir) / "memorization"
+            d.mkdir(parents=True, exist_ok=True)
+            self.pset.to_jsonl(d / "prompts.jsonl")
+
+    def on_step_end(self, state) -> None:
+        if self.cfg.every_n_steps and state.step % self.cfg.every_n_steps == 0:
+            self.evaluate(state, f"step_{state.step:06d}")
+
+    def on_epoch_end(self, state) -> None:
+        if self.cfg.every_n_epochs and (state.epoch) % self.cfg.every_n_epochs == 0:
+            self.evaluate(state, f"epoch_{state.epoch:03d}")
+
+    def on_train_end(self, state) -> None:
+        if self.cfg.at_end:
+            self.evaluate(state, "final")
+
+    def evaluate(self, state, tag: str) -> dict:
+        from guard_train.eval.evaluate import generate_distributed, grid, score
+        from guard_train.guidance.engine import GuidanceEngine
+
+        acc = state.accelerator
+        pipe = state.pipeline()
+        unet = pipe.unet
+        was_training, procs, rng = unet.training, dict(unet.attn_processors), torch.get_rng_state()
+        unet.eval()
+        out: dict = {"tag": tag, "step": state.step, "epoch": state.epoch, "methods": {}}
+        try:
+            engine = GuidanceEngine(pipe, max_batch=self.cfg.max_batch)
+            for method in self.cfg.methods:
+                images, _, wall = generate_distributed(engine, self.pset, method, self.cfg.images_per_prompt,
+                                                       self.cfg.steps, self.cfg.seed, acc)
+                if acc.is_main_process:
+                    metrics, _ = score(images, self.pset, self.ref, self._embedder(), self.cfg.images_per_prompt,
+                                       self.cfg.copy_threshold, self._aligner())
+                    metrics["wall_s_per_image"] = wall / len(images)
+                    out["methods"][method] = metrics
+                    d = Path(state.run_dir) / "memorization" / tag
+                    d.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(grid(images, self.pset, self.ref, self.cfg.images_per_prompt)).save(
+                        d / f"grid_{method}.png")
+        finally:
+            unet.set_attn_processor(procs)
+            unet.train(was_training)
+            torch.set_rng_state(rng)
+        stop = [False]
+        if acc.is_main_process:
+            d = Path(state.run_dir) / "memorization" / tag
+            (d / "metrics.json").write_text(json.dumps(out, indent=1))
+            acc.log({f"memorization/{m}/{g}/{k}": v for m, r in out["methods"].items()
+                     for g, gm in r["groups"].items() for k, v in gm.items() if isinstance(v, (int, float))},
+                    step=state.step)
+            self.history.append(out)
+            stop[0] = self._check_limit(out, Path(state.run_dir))
+        if acc.num_processes > 1:
+            from accelerate.utils import broadcast_object_list
+
+            stop = broadcast_object_list(stop)
+        if stop[0] and self.cfg.stop_on_limit:
+            state.should_stop = True
+        return out
+
+    def _check_limit(self, out: dict, run_dir: Path) -> bool:
+        if not self.cfg.copy_rate_limit:
+            return False
+        for m, r in out["methods"].items():
+            g = r["groups"].get("duplicated", r["groups"]["all"])
+            if g["copy_rate"] > self.cfg.copy_rate_limit:
+                with open(run_dir / "memorization" / "warnings.jsonl", "a") as f:
+                    f.write(json.dumps({"tag": out["tag"], "method": m, "copy_rate": g["copy_rate"],
+                                        "limit": self.cfg.copy_rate_limit}) + "\n")
+                return True
+        return False
+
+    def _embedder(self):
+        from guard_train.metrics.embed import get_embedder
+
+        return get_embedder(self.cfg.backend)
+
+    def _aligner(self):
+        from guard_train.eval.summary import SCORER_DIR
+        from guard_train.metrics.alignment import LabAligner
+
+        return LabAligner.load(SCORER_DIR) if (SCORER_DIR / "model.safetensors").exists() else None
+
+    def state_dict(self) -> dict:
+        return {"history": self.history}
+
+    def load_state_dict(self, d: dict) -> None:
+        self.history = d.get("history", [])

@@ -1,0 +1,248 @@
+"""`guard-train eval`: score checkpoints × methods for memorization; a gate for MLOps pipelines.
+
+    guard-train eval --model BASE [--lora PATH …] [--run DIR] [--prompts FILE] --reference DATA \
+        --methods cfg,guard --out DIR [--fail-if "copy_rate>0.05" …]
+
+Checkpoints: the base alone, each `--lora`, or every complete checkpoint (and final/) of a training run `--run`.
+Reference: a lab directory (manifest.jsonl: prompts default to its duplicated / unique / held-out captions) or any
+dataset directory our loaders read (imagefolder, parquet, …) whose images are the training set.
+Outputs: metrics.json, per_prompt.csv, grid_<ckpt>_<method>.png, report.html. Exit codes: 0 the gate holds,
+1 a `--fail-if` condition is violated (by any checkpoint × method), 2 bad input. Runs under `accelerate launch`
+(prompts split across processes, same numbers as one process).
+"""
+
+from __future__ import annotations
+
+import base64
+import csv
+import io
+import json
+import operator
+import re
+import sys
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
+_COND = re.compile(r"^\s*([\w.]+)\s*(>=|<=|>|<)\s*([-\d.eE+]+)\s*$")
+
+
+class EvalInputError(ValueError):
+    pass
+
+
+def parse_condition(s: str) -> tuple[str, str, float]:
+    m = _COND.match(s)
+    if not m:
+        raise EvalInputError(f"--fail-if {s!r}: expected METRIC OP VALUE, e.g. \"copy_rate>0.05\" or "
+                             f"\"duplicated.copy_rate>=0.1\"")
+    return m.group(1), m.group(2), float(m.group(3))
+
+
+def check_gate(rows: list[dict], conditions: list[tuple[str, str, float]]) -> list[str]:
+    """Violations as messages. METRIC is 'group.metric' or 'metric' (the 'all' group)."""
+    bad = []
+    for r in rows:
+        for key, op, v in conditions:
+            g, _, m = key.rpartition(".")
+            grp = r["metrics"]["groups"].get(g or "all")
+            if grp is None or m not in grp:
+                raise EvalInputError(f"--fail-if: no metric {key!r}; groups {list(r['metrics']['groups'])}, "
+                                     f"metrics {sorted(r['metrics']['groups']['all'])}")
+            if OPS[op](grp[m], v):
+                bad.append(f"{r['checkpoint']} / {r['method']}: {key} = {grp[m]:.4g} {op} {v}")
+    return bad
+
+
+def _checkpoints(base: str, loras: list[str], run: str) -> list[tuple[str, str | None]]:
+    from guard_train.training.checkpoint import complete_checkpoints
+
+    out: list[tuple[str, str | None]] = []
+    if run:
+        r = Path(run)
+        if not r.is_dir():
+            raise EvalInputError(f"--run {run!r} is not a directory")
+        for c in complete_checkpoints(r) + ([r / "final"] if (r / "final").is_dir() else []):
+            out.append((c.name, str(c)))
+        if not out:
+            raise EvalInputError(f"--run {run!r} has no complete checkpoint and no final/")
+    for l in loras:
+        if not Path(l).exists():
+            raise EvalInputError(f"--lora {l!r} does not exist")
+        out.append((Path(l).name, l))
+    return out or [("base", None)]
+
+
+def _load_engine(base: str, ckpt: str | None, max_batch: int):
+    """base + a LoRA dir, a full pipeline dir, or an accelerate checkpoint of either kind."""
+    from guard_train.guidance.engine import GuidanceEngine
+    from guard_train.models.loading import load_pipeline
+
+    if ckpt is None:
+        return GuidanceEngine(load_pipeline(base), max_batch)
+    c = Path(ckpt)
+    if (c / "model_index.json").exists():  # a full pipeline (final/ of a full fine-tune)
+        return GuidanceEngine(load_pipeline(str(c)), max_batch)
+    pipe = load_pipeline(base)
+    if (c / "pytorch_lora_weights.safetensors").exists():
+        pipe.load_lora_weights(str(c))
+    elif (c / "model.safetensors").exists():  # accelerate checkpoint of a full fine-tune: the UNet's weights
+        from safetensors.torch import load_file
+
+        missing, unexpected = pipe.unet.load_state_dict(load_file(c / "model.safetensors"), strict=False)
+        if missing or unexpected:
+            raise EvalInputError(f"{ckpt}: UNet weights do not match the base model ({len(missing)} missing, "
+                                 f"{len(unexpected)} unexpected keys)")
+    else:
+        raise EvalInputError(f"{ckpt}: neither LoRA weights, a pipeline, nor a UNet checkpoint")
+    pipe.set_progress_bar_config(disable=True)
+    return GuidanceEngine(pipe, max_batch)
+
+
+def _reference(ref: str, prompts: str, per_group: int, seed: int):
+    from guard_train.eval.evaluate import PromptSet, Reference, lab_reference_and_prompts
+
+    r = Path(ref)
+    if not r.exists():
+        raise EvalInputError(f"--reference {ref!r} does not exist (a lab dir or a dataset of the training images)")
+    if (r / "manifest.jsonl").exists():
+        reference, pset = lab_reference_and_prompts(r, per_group, seed)
+    else:
+        from guard_train.data.dedup import load_images_for_dedup
+        from guard_train.data.loaders import DataError, build_dataset, image_transform
+
+        src = "parquet" if r.suffix == ".parquet" or list(r.glob("*.parquet")) else "imagefolder"
+        try:
+            ds = build_dataset(src, ref, "image", "text", "", image_transform(256, True, False))
+            imgs, ids, _, _ = load_images_for_dedup(ds)
+        except (DataError, OSError, ValueError) as e:
+            raise EvalInputError(f"--reference {ref!r} could not be read: {e}") from None
+        reference, pset = Reference(imgs, [int(i) for i in ids]), None
+    if prompts:
+        p = Path(prompts)
+        if not p.is_file():
+            raise EvalInputError(f"--prompts {prompts!r} not found")
+        lines = [l for l in p.read_text().splitlines() if l.strip()]
+        try:
+            rows = [json.loads(l) if l.lstrip().startswith("{") else {"prompt": l.strip()} for l in lines]
+            pset = PromptSet([x["prompt"] for x in rows], [x.get("group", "all_prompts") for x in rows],
+                             [int(x.get("owner", -1)) for x in rows])
+        except (json.JSONDecodeError, KeyError) as e:
+            raise EvalInputError(f"--prompts {prompts}: {e}") from None
+    if pset is None:
+        raise EvalInputError("give --prompts (the reference is not a lab directory with a manifest)")
+    return reference, pset
+
+
+def run_eval(a) -> int:
+    from accelerate import PartialState
+
+    from guard_train.eval.evaluate import generate_distributed, grid, score
+    from guard_train.guidance.strategies import METHODS
+    from guard_train.metrics.embed import get_embedder
+    from guard_train.models.loading import ModelLoadError
+
+    state = PartialState(cpu=True) if not __import__("torch").cuda.is_available() else PartialState()
+    main = state.is_main_process
+    try:
+        conditions = [parse_condition(c) for c in a.fail_if]
+        methods = [m for m in a.methods.split(",") if m]
+        bad = [m for m in methods if m not in METHODS]
+        if bad:
+            raise EvalInputError(f"unknown method(s) {bad}; methods: {', '.join(METHODS)}")
+        ckpts = _checkpoints(a.model, a.lora, a.run)
+        ref, pset = _reference(a.reference, a.prompts, a.prompts_per_group, a.seed)
+        embedder = get_embedder(a.backend) if main else None
+        aligner = None
+        if main:
+            from guard_train.eval.summary import SCORER_DIR
+            from guard_train.metrics.alignment import LabAligner
+
+            if (SCORER_DIR / "model.safetensors").exists():
+                aligner = LabAligner.load(SCORER_DIR)
+        out = Path(a.out)
+        rows, per_prompt = [], []
+        for name, ck in ckpts:
+            engine = _load_engine(a.model, ck, a.max_batch)
+            for m in methods:
+                images, _, wall = generate_distributed(engine, pset, m, a.num_images, a.steps, a.seed, state)
+                if main:
+                    metrics, pp = score(images, pset, ref, embedder, a.num_images, a.threshold, aligner)
+                    metrics["wall_s_per_image"] = wall / len(images)
+                    rows.append({"checkpoint": name, "method": m, "metrics": metrics})
+                    per_prompt += [{"checkpoint": name, "method": m, **r} for r in pp]
+                    out.mkdir(parents=True, exist_ok=True)
+                    Image.fromarray(grid(images, pset, ref, a.num_images)).save(out / f"grid_{name}_{m}.png")
+    except (EvalInputError, ModelLoadError) as e:
+        if main:
+            print(f"error: {e}", file=sys.stderr)
+        return 2
+    if not main:
+        return 0
+    violations = check_gate(rows, conditions)
+    (out / "metrics.json").write_text(json.dumps({"backend": embedder.name, "rows": rows,
+                                                  "gate": {"conditions": a.fail_if, "violations": violations}},
+                                                 indent=1))
+    with open(out / "per_prompt.csv", "w", newline="") as f:
+        w = csv.DictWriter(f, fieldnames=list(per_prompt[0]))
+        w.writeheader()
+        w.writerows(per_prompt)
+    (out / "report.html").write_text(report_html(rows, embedder.name, violations))
+    for r in rows:
+        g = r["metrics"]["groups"]
+        print(f"{r['checkpoint']:>16} {r['method']:>16}  " + "  ".join(
+            f"{k}: copy {v['copy_rate']:.2f} top1 {v['top1_median']:.3f}" for k, v in g.items()))
+    if violations:
+        print("GATE FAILED:\n  " + "\n  ".join(violations), file=sys.stderr)
+        return 1
+    print(f"gate holds; wrote {out}/metrics.json, per_prompt.csv, report.html")
+    return 0
+
+
+def _png(fig) -> str:
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png", dpi=100, bbox_inches="tight")
+    return base64.b64encode(buf.getvalue()).decode()
+
+
+def report_html(rows: list[dict], backend: str, violations: list[str]) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(5, 4))
+    for r in rows:
+        g = r["metrics"]["groups"].get("duplicated", r["metrics"]["groups"]["all"])
+        ax.scatter(g.get("lab_alignment", np.nan), g["copy_rate"], label=f"{r['checkpoint']}/{r['method']}")
+    ax.set_xlabel("lab alignment (attribute classifier; not CLIP)")
+    ax.set_ylabel(f"copy rate ({backend})")
+    ax.legend(fontsize=7)
+    scatter = _png(fig)
+    plt.close(fig)
+    cks = list(dict.fromkeys(r["checkpoint"] for r in rows))
+    fig, ax = plt.subplots(figsize=(5, 3))
+    for m in dict.fromkeys(r["method"] for r in rows):
+        ys = [next((r["metrics"]["groups"].get("duplicated", r["metrics"]["groups"]["all"])["copy_rate"]
+                    for r in rows if r["checkpoint"] == c and r["method"] == m), np.nan) for c in cks]
+        ax.plot(range(len(cks)), ys, marker="o", label=m)
+    ax.set_xticks(range(len(cks)), cks, rotation=30, fontsize=7)
+    ax.set_ylabel("copy rate (duplicated)")
+    ax.legend(fontsize=7)
+    curve = _png(fig)
+    plt.close(fig)
+    head = "<tr><th>checkpoint</th><th>method</th><th>group</th><th>copy rate</th><th>own copies</th><th>top-1 median" \
+           "</th><th>top-1 p95</th><th>diversity</th><th>lab alignment</th></tr>"
+    body = "".join(
+        f"<tr><td>{r['checkpoint']}</td><td>{r['method']}</td><td>{g}</td><td>{m['copy_rate']:.3f}</td>"
+        f"<td>{m['own_copy_rate']:.3f}</td><td>{m['top1_median']:.3f}</td><td>{m['top1_p95']:.3f}</td>"
+        f"<td>{m['diversity']:.3f}</td><td>{m.get('lab_alignment', float('nan')):.3f}</td></tr>"
+        for r in rows for g, m in r["metrics"]["groups"].items())
+    gate = "<p style='color:#b00'>Gate failed: " + "; ".join(violations) + "</p>" if violations else "<p>Gate holds.</p>"
+    return (f"<!doctype html><meta charset=utf-8><title>guard_train eval</title><h1>Memorization report</h1>"
+            f"<p>Copy metric: {backend}. Alignment: lab attribute classifier (not CLIP).</p>{gate}"
+            f"<h2>Copy rate vs alignment</h2><img src='data:image/png;base64,{scatter}'>"
+            f"<h2>Copy rate across checkpoints</h2><img src='data:image/png;base64,{curve}'>"
+            f"<h2>All numbers</h2><table border=1 cellpadding=3>{head}{body}</table>")

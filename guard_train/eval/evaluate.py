@@ -1,0 +1,144 @@
+"""Evaluate a model's memorization on a prompt set, through the GUARD engine, on one or several processes.
+
+Shared by the per-epoch `MemorizationCallback` and `guard-train eval`. Prompts are split across processes
+(`split_between_processes`, padded), each prompt generated with its own seed (seed + its index in the set, so the
+result does not depend on the number of processes), images gathered, and scored on the main process:
+per group (e.g. duplicated / unique / held-out captions) and method — copy rate (top-1 SSCD against the reference
+set > threshold, and > the lab-calibrated threshold when given), own-copy rate, top-1 mean/median/95th percentile,
+diversity, lab alignment (attribute classifier, lab captions only), and wall time per image.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+from PIL import Image
+
+from guard_train.metrics.copy import diversity
+
+
+@dataclass
+class PromptSet:
+    prompts: list[str]
+    groups: list[str]
+    owners: list[int]  # index into the reference set of the prompt's own training image, -1 if none
+
+    def to_jsonl(self, path: Path) -> None:
+        with open(path, "w") as f:
+            for p, g, o in zip(self.prompts, self.groups, self.owners):
+                f.write(json.dumps({"prompt": p, "group": g, "owner": o}) + "\n")
+
+
+@dataclass
+class Reference:
+    images: np.ndarray  # (N, H, W, 3) uint8 — distinct training images
+    keys: list[int]
+    lab_threshold: Optional[float] = None
+    embeddings: dict = field(default_factory=dict)  # backend name -> (N, D)
+
+
+def lab_reference_and_prompts(lab_root: Path, per_group: int, seed: int = 0) -> tuple[Reference, PromptSet]:
+    """Distinct training images of a lab dir + prompts: duplicated, unique and held-out captions (≤ per_group each)."""
+    from guard_train.data.lab import LabItem, read_manifest
+
+    items = [it for it in read_manifest(lab_root) if it.copy_kind == "original"]
+    img = lambda it: np.asarray(Image.open(lab_root / "train" / f"{it.id:05d}.png").convert("RGB"))
+    ref = Reference(np.stack([img(it) for it in items]), [it.instance for it in items])
+    calib = Path(__file__).resolve().parents[2] / "docs" / "measurements" / "lab_calibration_sscd.json"
+    if calib.exists():
+        ref.lab_threshold = json.loads(calib.read_text())["lab_threshold"]
+    rng = np.random.default_rng(seed)
+    held = []
+    if (lab_root / "held_out.jsonl").exists():
+        held = [LabItem(**json.loads(l)) for l in (lab_root / "held_out.jsonl").read_text().splitlines()]
+    prompts, groups, owners = [], [], []
+    for g, sel in (("duplicated", [i for i, it in enumerate(items) if it.is_dup]),
+                   ("unique", [i for i, it in enumerate(items) if not it.is_dup])):
+        for j in sorted(rng.permutation(len(sel))[:per_group].tolist()):
+            prompts.append(items[sel[j]].caption)
+            groups.append(g)
+            owners.append(sel[j])
+    for it in held[:per_group]:
+        prompts.append(it.caption)
+        groups.append("held_out")
+        owners.append(-1)
+    return ref, PromptSet(prompts, groups, owners)
+
+
+def generate_distributed(engine, pset: PromptSet, method: str, images_per_prompt: int, steps: int, seed: int,
+                         acc=None, **params) -> tuple[np.ndarray, list[dict], float]:
+    """Images for every prompt of the set (in order), split over processes; returns (images, records, wall)."""
+    idx = list(range(len(pset.prompts)))
+    t0 = time.perf_counter()
+    if acc is not None and acc.num_processes > 1:
+        from accelerate.utils import gather_object
+
+        with acc.split_between_processes(idx, apply_padding=True) as mine:
+            res = engine.generate([pset.prompts[i] for i in mine], method=method, num_images=images_per_prompt,
+                                  steps=steps, seeds=[seed + i for i in mine], **params)
+            local = [(i, res.images[k * images_per_prompt:(k + 1) * images_per_prompt],
+                      res.records[k * images_per_prompt:(k + 1) * images_per_prompt]) for k, i in enumerate(mine)]
+        parts = gather_object([local])
+        flat = {i: (im, rec) for part in parts for i, im, rec in part}  # padding repeats collapse here
+    else:
+        res = engine.generate(pset.prompts, method=method, num_images=images_per_prompt, steps=steps,
+                              seeds=[seed + i for i in idx], **params)
+        flat = {i: (res.images[i * images_per_prompt:(i + 1) * images_per_prompt],
+                    res.records[i * images_per_prompt:(i + 1) * images_per_prompt]) for i in idx}
+    wall = time.perf_counter() - t0
+    images = np.concatenate([flat[i][0] for i in idx])
+    records = [r for i in idx for r in flat[i][1]]
+    return images, records, wall
+
+
+def score(images: np.ndarray, pset: PromptSet, ref: Reference, embedder, images_per_prompt: int,
+          threshold: float = 0.5, aligner=None) -> tuple[dict, list[dict]]:
+    """Metrics per group (+ "all") and one row per prompt."""
+    e_ref = ref.embeddings.get(embedder.name)
+    if e_ref is None:
+        e_ref = ref.embeddings[embedder.name] = embedder.embed(ref.images)
+    e = embedder.embed(images)
+    sims = e @ e_ref.T
+    top1, nn = sims.max(1), sims.argmax(1)
+    n = images_per_prompt
+    owner = np.repeat(np.array(pset.owners), n)
+    group = np.repeat(np.array(pset.groups), n)
+    caps = list(np.repeat(np.array(pset.prompts, dtype=object), n))
+    align = aligner.score(images, caps) if aligner is not None else np.full(len(images), np.nan)
+    div = diversity([e[i * n:(i + 1) * n] for i in range(len(pset.prompts))])
+    metrics = {"backend": embedder.name, "threshold": threshold, "groups": {}}
+    if aligner is not None:
+        metrics["alignment_backend"] = aligner.name
+    for g in sorted(set(pset.groups)) + ["all"]:
+        s = np.ones(len(images), bool) if g == "all" else group == g
+        m = {"n_images": int(s.sum()), "copy_rate": float((top1[s] > threshold).mean()),
+             "own_copy_rate": float(((top1[s] > threshold) & (nn[s] == owner[s])).mean()),
+             "top1_mean": float(top1[s].mean()), "top1_median": float(np.median(top1[s])),
+             "top1_p95": float(np.percentile(top1[s], 95)),
+             "diversity": float(np.nanmean(div[np.array(pset.groups) == g] if g != "all" else div))}
+        if ref.lab_threshold is not None:
+            m["copy_rate_lab_threshold"] = float((top1[s] > ref.lab_threshold).mean())
+        if aligner is not None:
+            m["lab_alignment"] = float(np.nanmean(align[s]))
+        metrics["groups"][g] = m
+    rows = []
+    for i, p in enumerate(pset.prompts):
+        sl = slice(i * n, (i + 1) * n)
+        rows.append({"prompt": p, "group": pset.groups[i], "top1_mean": float(top1[sl].mean()),
+                     "copies": int((top1[sl] > threshold).sum()), "lab_alignment": float(np.nanmean(align[sl])),
+                     "diversity": float(div[i])})
+    return metrics, rows
+
+
+def grid(images: np.ndarray, pset: PromptSet, ref: Reference, n: int, max_rows: int = 12) -> np.ndarray:
+    """One row per prompt: its own training image (grey if none) then its generations."""
+    rows = []
+    for i in range(min(len(pset.prompts), max_rows)):
+        own = ref.images[pset.owners[i]] if pset.owners[i] >= 0 else np.full_like(images[0], 128)
+        rows.append(np.concatenate([own, *images[i * n:(i + 1) * n]], 1))
+    return np.concatenate(rows, 0)

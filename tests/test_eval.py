@@ -1,0 +1,90 @@
+import json
+import os
+import subprocess
+
+import pytest
+
+from conftest import PY, ROOT, small_lab_args
+from guard_train.eval.command import EvalInputError, check_gate, parse_condition
+
+
+def _rows(copy):
+    return [{"checkpoint": "c", "method": "cfg", "metrics": {"groups": {
+        "duplicated": {"copy_rate": copy, "top1_median": 0.3}, "all": {"copy_rate": copy / 2, "top1_median": 0.2}}}}]
+
+
+def test_gate_conditions():
+    assert parse_condition("duplicated.copy_rate>=0.1") == ("duplicated.copy_rate", ">=", 0.1)
+    assert check_gate(_rows(0.2), [parse_condition("duplicated.copy_rate>0.1")]) != []
+    assert check_gate(_rows(0.2), [parse_condition("copy_rate>0.1")]) == []  # 'all' group: 0.1 is not > 0.1
+    assert check_gate(_rows(0.05), [parse_condition("duplicated.copy_rate>0.1")]) == []
+    with pytest.raises(EvalInputError, match="expected METRIC OP VALUE"):
+        parse_condition("copy_rate is high")
+    with pytest.raises(EvalInputError, match="no metric"):
+        check_gate(_rows(0.1), [parse_condition("duplicated.sharpness>1")])
+
+
+@pytest.fixture(scope="module")
+def lab_dir(tmp_path_factory):
+    from guard_train.data.lab import LabConfig, build_lab, write_imagefolder
+
+    d = tmp_path_factory.mktemp("lab")
+    write_imagefolder(build_lab(LabConfig(num_instances=12, dup_fraction=0.25, dup_repeats=3, held_out=2)), d)
+    return d
+
+
+def _eval(args, launcher=(), timeout=300):
+    return subprocess.run([*launcher, *(() if launcher else (PY,)), "-m", "guard_train.cli", "eval", *args], cwd=ROOT,
+                          capture_output=True, text=True, timeout=timeout, env={**os.environ, "OMP_NUM_THREADS": "1"})
+
+
+def test_eval_exit_codes_and_outputs(tiny_sd_dir, lab_dir, tmp_path):
+    common = ["--model", str(tiny_sd_dir), "--reference", str(lab_dir), "--methods", "cfg,guard", "--num-images", "2",
+              "--steps", "3", "--prompts-per-group", "2"]
+    ok = _eval([*common, "--out", str(tmp_path / "ok"), "--fail-if", "duplicated.copy_rate>0.99"])
+    assert ok.returncode == 0, ok.stderr[-2000:]
+    m = json.loads((tmp_path / "ok" / "metrics.json").read_text())
+    assert [(r["checkpoint"], r["method"]) for r in m["rows"]] == [("base", "cfg"), ("base", "guard")]
+    assert set(m["rows"][0]["metrics"]["groups"]) == {"duplicated", "unique", "held_out", "all"}
+    assert m["backend"].startswith("sscd")
+    html = (tmp_path / "ok" / "report.html").read_text()
+    assert "data:image/png;base64" in html and "not CLIP" in html
+    assert (tmp_path / "ok" / "per_prompt.csv").read_text().count("\n") == 1 + 2 * 6
+    fail = _eval([*common, "--out", str(tmp_path / "fail"), "--fail-if", "all.top1_median>-1"])
+    assert fail.returncode == 1 and "GATE FAILED" in fail.stderr
+    for bad_ref in (str(tmp_path / "missing"), str(tmp_path)):  # missing; a directory with no images
+        bad = _eval(["--model", str(tiny_sd_dir), "--reference", bad_ref, "--prompts", str(lab_dir / "held_out.jsonl"),
+                     "--out", str(tmp_path / "bad")])
+        assert bad.returncode == 2 and "error:" in bad.stderr and "Traceback" not in bad.stderr
+
+
+@pytest.mark.multiproc
+def test_eval_two_processes_equals_one(tiny_sd_dir, lab_dir, tmp_path):
+    common = ["--model", str(tiny_sd_dir), "--reference", str(lab_dir), "--methods", "guard", "--num-images", "2",
+              "--steps", "3", "--prompts-per-group", "3"]  # 8 prompts: uneven split is padded and de-duplicated
+    one = _eval([*common, "--out", str(tmp_path / "one")])
+    assert one.returncode == 0, one.stderr[-2000:]
+    launch = (PY, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs/cpu_2proc.yaml"),
+              "--main_process_port", "29641")
+    two = _eval([*common, "--out", str(tmp_path / "two")], launcher=launch)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one" / "metrics.json").read_text())["rows"][0]["metrics"]["groups"]
+    b = json.loads((tmp_path / "two" / "metrics.json").read_text())["rows"][0]["metrics"]["groups"]
+    for g in a:
+        for k in ("copy_rate", "top1_mean", "top1_median", "diversity"):
+            assert a[g][k] == pytest.approx(b[g][k], abs=1e-4), (g, k)
+    assert (tmp_path / "one" / "per_prompt.csv").read_text() .count("\n") == (tmp_path / "two" / "per_prompt.csv").read_text().count("\n")
+
+
+@pytest.mark.multiproc
+def test_memorization_callback_on_two_processes(tiny_sd_dir, tmp_path):
+    args = small_lab_args(tmp_path, tiny_sd_dir, **{"run.name": "cb", "train.max_steps": 3, "eval.at_end": "true",
+                                                    "eval.steps": 3, "eval.prompts_per_group": 2,
+                                                    "eval.methods": "[cfg,guard]"})
+    cmd = [PY, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs/cpu_2proc.yaml"),
+           "--main_process_port", "29642", str(ROOT / "train.py"), *args]
+    r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    m = json.loads((tmp_path / "cb" / "memorization" / "final" / "metrics.json").read_text())
+    assert set(m["methods"]) == {"cfg", "guard"} and m["methods"]["guard"]["groups"]["all"]["n_images"] == 2 * 2 * 2
+    assert (tmp_path / "cb" / "memorization" / "final" / "grid_guard.png").exists()
