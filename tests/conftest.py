@@ -48,7 +48,7 @@ def _reset_accelerate():
 def small_lab_args(out: Path, model: Path, **extra) -> list[str]:
     """Overrides for a seconds-long run: 16 instances, 4 of them ×4, batch 4."""
     args = {
-        "recipe": "tiny", "model.path": str(model), "run.output_dir": str(out), "run.report_to": "none",
+        "recipe": "tiny_nomit", "model.path": str(model), "run.output_dir": str(out), "run.report_to": "none",
         "run.log_every": 1, "summary.enabled": "false", "train.batch_size": 4, "train.lr_warmup_steps": 0,
         "data.lab.num_instances": 16, "data.lab.held_out": 0, "data.lab.dup_fraction": 0.25,
         "data.lab.dup_repeats": 4, "train.checkpoint_every": 0,

@@ -96,3 +96,31 @@ def test_loss_weighting_hook_drops_samples(tmp_path, tiny_sd_dir):
     m = read_metrics(tmp_path / "hook")
     assert [x["kept"] for x in m] == [0.75, 0.75, 0.75]
     assert len(seen) == 3 and all(len(ids) == 4 and per.shape == (4,) for ids, per, _ in seen)
+
+
+def test_default_recipe_runs_with_its_mitigations(tmp_path, tiny_sd_dir):
+    """recipe=tiny: entropy filter + duplicate-aware sampling (dedup at start), resumable exactly."""
+    from guard_train.config.loader import load_config
+    from guard_train.training.loop import train
+
+    extra = {"recipe": "tiny", "train.max_steps": 10, "train.checkpoint_every": 5,
+             "mitigation.entropy_filter.warmup_steps": 4, "mitigation.entropy_filter.buckets": 2}
+    train(load_config(small_lab_args(tmp_path, tiny_sd_dir, **extra, **{"run.name": "a"})))
+    train(load_config(small_lab_args(tmp_path, tiny_sd_dir, **{**extra, "train.max_steps": 5}, **{"run.name": "b"})))
+    train(load_config(small_lab_args(tmp_path, tiny_sd_dir, **extra, **{"run.name": "b", "resume": "latest"})))
+    a, b = read_metrics(tmp_path / "a"), read_metrics(tmp_path / "b")
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]  # filter thresholds + weighted sampler resume exactly
+    assert [m.get("entropy_filter_kept") for m in a] == [m.get("entropy_filter_kept") for m in b]
+    run = tmp_path / "a"
+    assert (run / "entropy_filter_thresholds.json").exists() and (run / "dedup" / "clusters.jsonl").exists()
+    w = np.load(run / "sampling_weights.npy")
+    import json
+
+    from guard_train.data.dedup import pairwise_precision_recall
+    from guard_train.data.lab import read_manifest
+
+    rows = [json.loads(l) for l in (run / "dedup" / "clusters.jsonl").read_text().splitlines()]
+    truth = {it.id: it.instance for it in read_manifest(run / "data")}
+    pr = pairwise_precision_recall([r["cluster"] for r in rows], [truth[r["id"]] for r in rows])
+    assert pr["pair_precision"] == 1.0 and pr["pair_recall"] >= 0.8  # SSCD found the planted groups
+    assert w.tolist() == [1.0 / r["cluster_size"] for r in rows]  # lab ids = dataset indices
