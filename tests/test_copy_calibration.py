@@ -29,3 +29,64 @@ def test_pixel_fallback_hand_computed():
     assert s[0, 0] == pytest.approx(1.0)
     assert s[0, 1] == pytest.approx(0.0)
     assert s[0, 2] == pytest.approx(1 - np.sqrt(1 / 3), abs=1e-6)
+
+
+def test_sscd_backends_agree_on_copies_vs_non_copies():
+    """The int8 SSCD and its distilled student both separate near-copies from new instances on the lab."""
+    from guard_train.metrics.embed import get_embedder
+
+    lab = build_lab(LabConfig(num_instances=32, held_out=0))
+    a = calibration_table(lab, get_embedder("sscd"))
+    b = calibration_table(lab, get_embedder("sscd-distilled"))
+    for t in (a, b):
+        assert t["near_vs_new_auroc"] > 0.9 and t["near_copy"]["p50"] > t["same_caption_new_instance"]["p50"] + 0.3
+    assert a["backend"] != b["backend"]
+
+
+def test_torchscript_backend_loads_and_preprocesses(tmp_path):
+    """The TorchScript path (for the papers' official SSCD files): a scripted stand-in checks loading, the
+    256 -> centre 224 crop and the 0.5/0.5 normalisation, and L2-normalised output. Not an SSCD model."""
+    import torch
+
+    from guard_train.metrics.embed import SSCDTorchScript
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            return torch.stack([x.mean(dim=(1, 2, 3)), torch.tensor(float(x.shape[-1])).expand(x.shape[0])], 1)
+
+    torch.jit.save(torch.jit.script(Probe()), tmp_path / "probe.pt")
+    e = SSCDTorchScript(str(tmp_path / "probe.pt"))
+    out = e.embed(np.full((2, 64, 64, 3), 255, np.uint8))  # white: normalised to +1 everywhere
+    want = np.array([1.0, 224.0]) / np.linalg.norm([1.0, 224.0])
+    assert np.allclose(out, want, atol=1e-5) and "torchscript" in e.name
+
+
+def test_clip_score_local_model_and_clear_error(tmp_path):
+    import torch
+    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPImageProcessor
+
+    from guard_train.metrics.clip_score import CLIPScoreError, CLIPScorer
+    from guard_train.models.tiny_sd import clip_tokenizer
+
+    with pytest.raises(CLIPScoreError, match="not a local transformers CLIPModel directory"):
+        CLIPScorer(str(tmp_path / "nope"))
+    tok = clip_tokenizer(tmp_path / "tok")
+    cfg = CLIPConfig(text_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "vocab_size": 49408, "projection_dim": 16},
+                     vision_config={"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 1,
+                                    "num_attention_heads": 2, "image_size": 32, "patch_size": 8, "projection_dim": 16},
+                     projection_dim=16)
+    torch.manual_seed(0)
+    model = CLIPModel(cfg).eval()  # a tiny random CLIP: checks the plumbing, not semantics
+    d = tmp_path / "clip"
+    model.save_pretrained(d)
+    CLIPProcessor(image_processor=CLIPImageProcessor(size={"shortest_edge": 32}, crop_size={"height": 32, "width": 32}),
+                  tokenizer=tok).save_pretrained(d)
+    s = CLIPScorer(str(d))
+    imgs = (np.random.default_rng(0).random((2, 64, 64, 3)) * 255).astype(np.uint8)
+    got = s.score(imgs, ["a red circle", "a blue square"])
+    inp = s.processor(text=["a red circle", "a blue square"], images=list(imgs), return_tensors="pt", padding=True)
+    with torch.no_grad():
+        out = model(**inp)
+    want = torch.nn.functional.cosine_similarity(out.image_embeds, out.text_embeds, dim=-1).numpy()
+    assert np.allclose(got, want, atol=1e-5)

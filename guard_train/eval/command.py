@@ -162,6 +162,14 @@ def run_eval(a) -> int:
 
             if (SCORER_DIR / "model.safetensors").exists():
                 aligner = LabAligner.load(SCORER_DIR)
+        clip = None
+        if main and a.clip_model:
+            from guard_train.metrics.clip_score import CLIPScoreError, CLIPScorer
+
+            try:
+                clip = CLIPScorer(a.clip_model)
+            except CLIPScoreError as e:
+                raise EvalInputError(str(e)) from None
         out = Path(a.out)
         rows, per_prompt = [], []
         for name, ck in ckpts:
@@ -169,7 +177,7 @@ def run_eval(a) -> int:
             for m in methods:
                 images, _, wall = generate_distributed(engine, pset, m, a.num_images, a.steps, a.seed, state)
                 if main:
-                    metrics, pp = score(images, pset, ref, embedder, a.num_images, a.threshold, aligner)
+                    metrics, pp = score(images, pset, ref, embedder, a.num_images, a.threshold, aligner, clip)
                     metrics["wall_s_per_image"] = wall / len(images)
                     rows.append({"checkpoint": name, "method": m, "metrics": metrics})
                     per_prompt += [{"checkpoint": name, "method": m, **r} for r in pp]

@@ -97,7 +97,7 @@ def generate_distributed(engine, pset: PromptSet, method: str, images_per_prompt
 
 
 def score(images: np.ndarray, pset: PromptSet, ref: Reference, embedder, images_per_prompt: int,
-          threshold: float = 0.5, aligner=None) -> tuple[dict, list[dict]]:
+          threshold: float = 0.5, aligner=None, clip=None) -> tuple[dict, list[dict]]:
     """Metrics per group (+ "all") and one row per prompt."""
     e_ref = ref.embeddings.get(embedder.name)
     if e_ref is None:
@@ -111,9 +111,12 @@ def score(images: np.ndarray, pset: PromptSet, ref: Reference, embedder, images_
     caps = list(np.repeat(np.array(pset.prompts, dtype=object), n))
     align = aligner.score(images, caps) if aligner is not None else np.full(len(images), np.nan)
     div = diversity([e[i * n:(i + 1) * n] for i in range(len(pset.prompts))])
+    clip_s = clip.score(images, caps) if clip is not None else None
     metrics = {"backend": embedder.name, "threshold": threshold, "groups": {}}
     if aligner is not None:
         metrics["alignment_backend"] = aligner.name
+    if clip is not None:
+        metrics["clip_backend"] = clip.name
     for g in sorted(set(pset.groups)) + ["all"]:
         s = np.ones(len(images), bool) if g == "all" else group == g
         m = {"n_images": int(s.sum()), "copy_rate": float((top1[s] > threshold).mean()),
@@ -125,6 +128,8 @@ def score(images: np.ndarray, pset: PromptSet, ref: Reference, embedder, images_
             m["copy_rate_lab_threshold"] = float((top1[s] > ref.lab_threshold).mean())
         if aligner is not None:
             m["lab_alignment"] = float(np.nanmean(align[s]))
+        if clip_s is not None:
+            m["clip_score"] = float(clip_s[s].mean())
         metrics["groups"][g] = m
     rows = []
     for i, p in enumerate(pset.prompts):

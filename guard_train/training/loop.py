@@ -258,7 +258,7 @@ class Trainer:
             raise ConfigError(f"checkpoint {path} was written by {state['world']} processes; resume it with the "
                               f"same number of processes (got {self.world})")
         self.acc.load_state(str(path))
-        rs = torch.load(path / f"rank_state_{self.rank}.pt", weights_only=False)  # our own file: RNG states
+        rs = torch.load(path / f"rank_state_{self.rank}.pt", weights_only=True)  # tensors and plain data only
         self.gen.set_state(rs["gen"])
         self.vae_gen.set_state(rs["vae_gen"])
         self.np_rng.bit_generator.state = rs["np"]

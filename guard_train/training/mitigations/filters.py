@@ -96,10 +96,13 @@ class ThresholdFilter:
                  "calibrated_at_micro_step": self.calls}, indent=1))
 
     def state_dict(self) -> dict:
-        return {"buf": self.buf, "thr": None if self.thr is None else self.thr.tolist(), "calls": self.calls}
+        """Plain lists only, so checkpoints load with torch.load(weights_only=True)."""
+        return {"buf": [(b.tolist(), s.tolist()) for b, s in self.buf],
+                "thr": None if self.thr is None else self.thr.tolist(), "calls": self.calls}
 
     def load_state_dict(self, d: dict) -> None:
-        self.buf, self.calls = d["buf"], d["calls"]
+        self.buf = [(np.asarray(b, dtype=np.int64), np.asarray(s, dtype=np.float64)) for b, s in d["buf"]]
+        self.calls = d["calls"]
         self.thr = None if d["thr"] is None else np.asarray(d["thr"])
 
 
