@@ -29,9 +29,11 @@ def train_main(argv: list[str]) -> int:
 
         print("usage: train.py recipe=NAME [key.sub=value ...]\nkeys:\n  " + "\n  ".join(all_keys()))
         return 0
+    from guard_train.training.loop import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted, Trainer
+
+    trainer = None
     try:
         cfg = load_config(argv)
-        from guard_train.training.loop import Trainer
         from guard_train.eval.summary import format_summary, run_summary
 
         trainer = Trainer(cfg)
@@ -40,6 +42,12 @@ def train_main(argv: list[str]) -> int:
     except (ConfigError, DataError, ModelLoadError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
+    except Preempted:
+        trainer.close()
+        return PREEMPTED_EXIT_CODE
+    except NonFiniteError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 1
     main = trainer.acc.is_main_process
     trainer.close()
     if main:

@@ -66,6 +66,7 @@ class TrainConfig:
     seed: int = 0
     checkpoint_every: int = 0  # optimizer steps; 0 = only at the end
     checkpoints_total_limit: int = 2
+    max_consecutive_nonfinite: int = 5  # stop (last good checkpoint kept) after this many non-finite steps in a row
 
 
 @dataclass

@@ -112,6 +112,17 @@ def make_dataset(cfg: Config, run_dir: Path, acc: Accelerator) -> tuple[loaders.
 # ---------------------------------------------------------------------------------------------------------------
 
 
+PREEMPTED_EXIT_CODE = 75  # EX_TEMPFAIL: "checkpoint saved, requeue me" (resume with resume=latest)
+
+
+class Preempted(Exception):
+    """SIGTERM/SIGINT was received: every rank saved a checkpoint and stops."""
+
+
+class NonFiniteError(RuntimeError):
+    pass
+
+
 def weighted_loss(per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tensor:
     """Σ w·ℓ / Σ w: a dropped sample (w = 0) contributes no gradient, and the mean is over the kept ones."""
     return (per_sample * weights).sum() / weights.sum().clamp(min=1e-8)
@@ -443,10 +454,17 @@ class Trainer:
                 loss, logs = self._loss(batch)
             else:
                 loss, logs = self._empty_loss(), {"loss": float("nan"), "kept": 0.0}
-            # one collective for both agreements: [non-finite on any rank, samples kept on all ranks]
-            flags = acc.reduce(torch.tensor([float(not torch.isfinite(loss)), float(self._kept)],
-                                            device=acc.device), "sum")
+            # one collective for all agreements: [non-finite on any rank, samples kept on all ranks, preemption]
+            flags = acc.reduce(torch.tensor([float(not torch.isfinite(loss)), float(self._kept),
+                                             float(self._signal is not None)], device=acc.device), "sum")
+            self._preempt = bool(flags[2] > 0)
             reason = "skipped_nonfinite" if flags[0] > 0 else ("skipped_all_dropped" if flags[1] == 0 else "")
+            self._nonfinite_run = self._nonfinite_run + 1 if reason == "skipped_nonfinite" else 0
+            if self._nonfinite_run >= t.max_consecutive_nonfinite:
+                raise NonFiniteError(
+                    f"{self._nonfinite_run} non-finite losses in a row at step {self.step}; stopping. The last good "
+                    f"checkpoint is kept ({ckpt.latest_checkpoint(self.run_dir)}); lower train.learning_rate or "
+                    f"check the data, then resume=latest.")
             if reason:  # every rank skips this micro-step together: no hang, no divergent update
                 self.optimizer.zero_grad(set_to_none=True)
                 self.metrics[reason] = self.metrics.get(reason, 0) + 1
@@ -459,7 +477,22 @@ class Trainer:
             self.optimizer.zero_grad(set_to_none=True)
         return logs, ""
 
+    def _on_signal(self, signum, frame) -> None:
+        self._signal = signum  # acted on at the next step boundary, by every rank together
+
     def train(self) -> dict:
+        import signal
+
+        cfg, t, acc = self.cfg, self.cfg.train, self.acc
+        self._signal, self._preempt, self._nonfinite_run = None, False, 0
+        old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+        try:
+            return self._train()
+        finally:
+            for s, h in old.items():
+                signal.signal(s, h)
+
+    def _train(self) -> dict:
         cfg, t, acc = self.cfg, self.cfg.train, self.acc
         self.setup()
         acc.init_trackers("guard_train", config=_flat(cfg))
@@ -473,22 +506,31 @@ class Trainer:
             logs, skipped = self.micro_step(next(batches))
             if logs:
                 window.append(logs)
-            if skipped or not acc.sync_gradients:
-                continue
-            if self.ema is not None:
-                self.ema.step(self.params)
-            self.step += 1
-            bar.update(1)
-            if self.step % cfg.run.log_every == 0 or self.step == self.max_steps:
-                self._log(window, t0)
-                window = []
-            for cb in self.hooks.callbacks:
-                cb.on_step_end(self._state())
-            if t.checkpoint_every and self.step % t.checkpoint_every == 0:
-                self.save_checkpoint()
-            if self._state().should_stop:  # set by a callback, identically on every rank
-                self.metrics["stopped_early_at_step"] = self.step
-                break
+            if not skipped and acc.sync_gradients:
+                if self.ema is not None:
+                    self.ema.step(self.params)
+                self.step += 1
+                bar.update(1)
+                if self.step % cfg.run.log_every == 0 or self.step == self.max_steps:
+                    self._log(window, t0)
+                    window = []
+                for cb in self.hooks.callbacks:
+                    cb.on_step_end(self._state())
+                if t.checkpoint_every and self.step % t.checkpoint_every == 0:
+                    self.save_checkpoint()
+                if self._state().should_stop:  # set by a callback, identically on every rank
+                    self.metrics["stopped_early_at_step"] = self.step
+                    break
+            # preemption: all ranks saw the flag in the same collective; act at an accumulation boundary, after the
+            # step's bookkeeping, so the checkpoint holds exactly `step` updates
+            if self._preempt and acc.sync_gradients:
+                if window:
+                    self._log(window, t0)
+                if not (t.checkpoint_every and self.step % t.checkpoint_every == 0 and not skipped):
+                    self.save_checkpoint()
+                acc.print(f"preempted (signal {self._signal}) at step {self.step}: checkpoint saved to "
+                          f"{ckpt.latest_checkpoint(self.run_dir)}; continue with resume=latest")
+                raise Preempted()
         bar.close()
         self.metrics["train_wall_s"] = round(time.time() - t0, 1)
         self.save_checkpoint()
