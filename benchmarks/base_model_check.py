@@ -11,7 +11,6 @@ reconstruction of lab images (the ceiling any copy can reach), and a sample grid
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
@@ -63,10 +62,8 @@ def main() -> int:
     emb = get_embedder("sscd")
     ceil = np.sum(emb.embed(rec) * emb.embed(imgs), 1)
     info = json.loads((Path(resolve_model_path(a.model)) / "build_info.json").read_text())
-    out = {"command": "python benchmarks/base_model_check.py " + " ".join(sys.argv[1:]),
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-           "model": a.model, "pretraining_steps": info.get("total_steps"), "pretraining_wall_s": info.get("wall_s_total"),
-           "prompts": len(prompts), "images_per_prompt": a.images, "steps": a.steps, "guidance": a.guidance,
+    out = {"model": a.model, "pretraining_steps": info.get("total_steps"),
+           "pretraining_wall_s": info.get("wall_s_total"), "prompts": len(prompts), "images_per_prompt": a.images, "steps": a.steps, "guidance": a.guidance,
            "generation_wall_s": round(wall, 1), "alignment_backend": al.name,
            "lab_alignment_own_caption": float(np.mean(own)), "lab_alignment_other_caption": float(np.mean(other)),
            "share_images_own_caption_better": float(np.mean(own > other)),

@@ -9,11 +9,13 @@ the generation wall time it reports per image. Goal (issue): ≤ 0.6.
 import argparse
 import json
 import os
-import platform
 import subprocess
 import sys
 import tempfile
 from pathlib import Path
+
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import emit  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable
@@ -42,12 +44,9 @@ def main() -> int:
             "--prompts-per-group", str(a.prompts_per_group)]
     one = run(args, 1, tmp / "one")
     two = run(args, 2, tmp / "two")
-    res = {"command": "python benchmarks/callback_scaling.py " + " ".join(sys.argv[1:]),
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "threads_per_process": 1,
+    res = {"threads_per_process": 1,
            "wall_s_per_image_1proc": one, "wall_s_per_image_2proc": two, "ratio_2proc_over_1proc": round(two / one, 3)}
-    print(json.dumps(res, indent=1))
-    Path(a.out).write_text(json.dumps(res, indent=1) + "\n")
-    return 0
+    return emit(res, a.out)
 
 
 if __name__ == "__main__":

@@ -4,15 +4,15 @@
 """
 
 import argparse
-import json
 import os
-import platform
 import sys
 import time
 
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import emit  # noqa: E402
 from guard_train.data.dedup import cluster_labels, pairs_sscd, pairwise_precision_recall  # noqa: E402
 
 
@@ -36,16 +36,11 @@ def main() -> int:
     t1 = time.perf_counter()
     labels = cluster_labels(len(x), pairs)
     t2 = time.perf_counter()
-    out = {"command": "python benchmarks/dedup_scale.py " + " ".join(sys.argv[1:]),
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores", "n": len(x), "dim": 512,
-           "planted_groups": n_groups, "group_size": k, "threshold": a.threshold, "index": a.index if a.index != "auto" else ("ivf" if len(x) > 20_000 else "flat"),
+    out = {"n": len(x), "dim": 512, "planted_groups": n_groups, "group_size": k, "threshold": a.threshold,
+           "index": a.index if a.index != "auto" else ("ivf" if len(x) > 20_000 else "flat"),
            "range_search_s": round(t1 - t0, 2), "union_find_s": round(t2 - t1, 2), "total_s": round(t2 - t0, 2),
            **pairwise_precision_recall(labels, truth)}
-    print(json.dumps(out, indent=1))
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(json.dumps(out, indent=1) + "\n")
-    return 0
+    return emit(out, a.out)
 
 
 if __name__ == "__main__":

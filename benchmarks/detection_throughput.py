@@ -8,18 +8,17 @@ plain CFG forward (SDPA) ÷ time of the recording forward; goal (issue) ≥ 0.9.
 """
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import emit  # noqa: E402
 from guard_train.config.loader import resolve_model_path  # noqa: E402
 from guard_train.guidance.engine import GuidanceEngine  # noqa: E402
 from guard_train.guidance.strategies import get_strategy  # noqa: E402
@@ -50,13 +49,9 @@ def main() -> int:
             _ = (eps["cond"] - eps["uncond"]).flatten(1).norm(dim=1), eng.last_mass
             rec.append(time.perf_counter() - t0)
     p, r = statistics.median(plain[2:]), statistics.median(rec[2:])
-    out = {"command": "python benchmarks/detection_throughput.py " + " ".join(sys.argv[1:]),
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-           "batch_prompts": a.batch, "plain_cfg_forward_s": p, "first_step_detection_s": r,
+    out = {"batch_prompts": a.batch, "plain_cfg_forward_s": p, "first_step_detection_s": r,
            "throughput_ratio_detection_over_plain": round(p / r, 3)}
-    print(json.dumps(out, indent=1))
-    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
-    return 0
+    return emit(out, a.out)
 
 
 if __name__ == "__main__":

@@ -4,17 +4,16 @@
 """
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import emit  # noqa: E402
 from guard_train.config.loader import resolve_model_path  # noqa: E402
 from guard_train.guidance.engine import GuidanceEngine  # noqa: E402
 from guard_train.guidance.strategies import METHODS  # noqa: E402
@@ -40,17 +39,11 @@ def main() -> int:
             eng.generate(PROMPTS, method=m, num_images=a.images, steps=a.steps)
             times[m].append(time.perf_counter() - t0)
     med = {m: statistics.median(v) for m, v in times.items()}
-    out = {"command": "python benchmarks/inference_cost.py " + " ".join(sys.argv[1:]),
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                      f"device {eng.device}",
+    out = {"device": str(eng.device),
            "setting": f"{len(PROMPTS)} prompts x {a.images} images, {a.steps} DDIM steps, batched, {a.model}",
            "median_wall_s": {m: round(v, 3) for m, v in med.items()},
            "ratio_vs_cfg": {m: round(v / med["cfg"], 3) for m, v in med.items()}}
-    print(json.dumps(out, indent=1))
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(json.dumps(out, indent=1) + "\n")
-    return 0
+    return emit(out, a.out)
 
 
 if __name__ == "__main__":

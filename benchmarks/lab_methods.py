@@ -11,17 +11,17 @@ alignment (attribute classifier — not CLIP), wall time ÷ CFG. Writes JSON and
 import argparse
 import json
 import os
-import platform
 import sys
 import time
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
-import torch
 from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import emit  # noqa: E402
 from guard_train.config.loader import resolve_model_path  # noqa: E402
 from guard_train.data.lab import LabConfig, build_lab  # noqa: E402
 from guard_train.guidance.engine import GuidanceEngine  # noqa: E402
@@ -82,13 +82,10 @@ def main() -> int:
     base = results.get("cfg", {}).get("wall_s")
     for m in results:
         results[m]["wall_ratio_vs_cfg"] = round(results[m]["wall_s"] / base, 3) if base else None
-    out = {"command": "python benchmarks/lab_methods.py " + " ".join(sys.argv[1:]),
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}",
-           "copy_metric": emb.name, "lab_threshold": calib["lab_threshold"], "alignment": aligner.name,
+    out = {"copy_metric": emb.name, "lab_threshold": calib["lab_threshold"], "alignment": aligner.name,
            "prompts": {"duplicated": len(dup), "unique": len(uniq)}, "images_per_prompt": a.images,
            "steps": a.steps, "lab_config": lab_cfg, "results": results}
-    Path(a.out).write_text(json.dumps(out, indent=1) + "\n")
-    return 0
+    return emit(out, a.out)
 
 
 if __name__ == "__main__":

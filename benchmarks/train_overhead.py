@@ -8,18 +8,17 @@ alike; each arm's time is the median of its step times after its filter's warm-u
 """
 
 import argparse
-import json
 import os
-import platform
 import statistics
 import sys
 import tempfile
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-import torch
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+from _common import emit  # noqa: E402
 from guard_train.config.loader import load_config  # noqa: E402
 from guard_train.training.loop import Trainer  # noqa: E402
 
@@ -50,17 +49,10 @@ def main() -> int:
             if k >= 10:  # after warm-up (filters calibrate over 5 micro-steps)
                 times[name].append(time.perf_counter() - t0)
     med = {k: statistics.median(v) for k, v in times.items()}
-    out = {"command": "python benchmarks/train_overhead.py " + " ".join(sys.argv[1:]),
-           "machine": f"{platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, "
-                      f"{torch.get_num_threads()} threads",
-           "setting": "tiny SD full fine-tune, batch 16, 64 px, cached latents",
+    out = {"setting": "tiny SD full fine-tune, batch 16, 64 px, cached latents",
            "timed_steps_per_arm": a.steps, "median_step_s": med,
            "ratio_vs_plain": {k: round(med[k] / med["plain"], 3) for k in med}}
-    print(json.dumps(out, indent=1))
-    if a.out:
-        with open(a.out, "w") as f:
-            f.write(json.dumps(out, indent=1) + "\n")
-    return 0
+    return emit(out, a.out)
 
 
 if __name__ == "__main__":

@@ -9,9 +9,7 @@ os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
 import sys
 from pathlib import Path
 
-import numpy as np
 import pytest
-import torch
 
 ROOT = Path(__file__).resolve().parents[1]
 BASE = ROOT / "models" / "tiny-sd"

@@ -5,7 +5,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from guard_train.attention.processor import (CrossAttnState, SpikeEdit, cross_attention_layers, install,
+from guard_train.attention.processor import (SpikeEdit, cross_attention_layers, install,
                                              spike_mask, token_entropy)
 
 SD1_LIKE = dict(block_out_channels=(32, 64), attention_head_dim=8, cross_attention_dim=32, norm_num_groups=8,
@@ -115,7 +115,7 @@ def test_edits_mask_scale_and_spike_rows():
 def test_layer_selection_by_index_and_name():
     u = _unet(SD1_LIKE)
     order = cross_attention_layers(u)
-    st = install(u, [0, order[-1]])
+    install(u, [0, order[-1]])
     procs = u.attn_processors
     chosen = {n for n, p in procs.items() if not isinstance(p, AttnProcessor2_0)}
     assert chosen == {order[0] + ".processor", order[-1] + ".processor"}

@@ -138,21 +138,26 @@ def test_every_method_runs_and_records(engine):
         assert r.images.shape == (1, 64, 64, 3) and r.records[0]["method"] == m and r.records[0]["seed"] == 1
 
 
-def test_lora_engine(tiny_sd_dir, tmp_path):
+def _save_random_lora(unet, targets, out) -> None:
+    """Add a LoRA with random (non-trivial) B matrices to `unet` and save it in diffusers format to `out`."""
     from diffusers import StableDiffusionPipeline
     from diffusers.utils import convert_state_dict_to_diffusers
     from peft import LoraConfig
     from peft.utils import get_peft_model_state_dict
 
-    eng = GuidanceEngine.from_pretrained(str(tiny_sd_dir))
-    base = eng.generate(PROMPTS[:1], steps=2)
-    eng.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_k", "to_v"]))
+    unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=targets))
     with torch.no_grad():
-        for n, p in eng.unet.named_parameters():
+        for n, p in unet.named_parameters():
             if "lora_B" in n:
                 p.normal_(0, 0.1)
-    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=convert_state_dict_to_diffusers(
-        get_peft_model_state_dict(eng.unet)))
+    StableDiffusionPipeline.save_lora_weights(out, unet_lora_layers=convert_state_dict_to_diffusers(
+        get_peft_model_state_dict(unet)))
+
+
+def test_lora_engine(tiny_sd_dir, tmp_path):
+    eng = GuidanceEngine.from_pretrained(str(tiny_sd_dir))
+    base = eng.generate(PROMPTS[:1], steps=2)
+    _save_random_lora(eng.unet, ["to_k", "to_v"], tmp_path)
     mem = eng.generate(PROMPTS[:1], steps=2)
     loaded = GuidanceEngine.from_pretrained(str(tiny_sd_dir), lora=str(tmp_path)).generate(PROMPTS[:1], steps=2)
     assert np.abs(loaded.images.astype(int) - mem.images.astype(int)).max() <= 1
@@ -203,19 +208,8 @@ def test_ren_mask_positions_sd2_tokenizer_pads_with_zero(engine, tmp_path):
 
 
 def test_lora_through_engine_equals_fused_lora(tiny_sd_dir, tmp_path):
-    from diffusers import StableDiffusionPipeline
-    from diffusers.utils import convert_state_dict_to_diffusers
-    from peft import LoraConfig
-    from peft.utils import get_peft_model_state_dict
-
     src = GuidanceEngine.from_pretrained(str(tiny_sd_dir))
-    src.unet.add_adapter(LoraConfig(r=2, lora_alpha=2, target_modules=["to_q", "to_k", "to_v", "to_out.0"]))
-    with torch.no_grad():
-        for n, p in src.unet.named_parameters():
-            if "lora_B" in n:
-                p.normal_(0, 0.1)
-    StableDiffusionPipeline.save_lora_weights(tmp_path, unet_lora_layers=convert_state_dict_to_diffusers(
-        get_peft_model_state_dict(src.unet)))
+    _save_random_lora(src.unet, ["to_q", "to_k", "to_v", "to_out.0"], tmp_path)
     eng = GuidanceEngine.from_pretrained(str(tiny_sd_dir), lora=str(tmp_path))
     a = eng.generate(PROMPTS, method="guard", steps=3)
     eng.pipe.fuse_lora()

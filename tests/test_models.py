@@ -5,7 +5,7 @@ import numpy as np
 import pytest
 import torch
 
-from conftest import BASE, PY, ROOT
+from conftest import BASE, PY
 from guard_train.models.codec import PatchPCACodec
 
 

@@ -1,4 +1,3 @@
-import numpy as np
 import pytest
 
 from guard_train.training.sampler import EpochShardSampler

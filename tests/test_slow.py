@@ -1,7 +1,6 @@
 """End-to-end runs of the real recipes on the committed base (minutes each): CI's second step, `pytest -m slow`."""
 
 import json
-import re
 import subprocess
 
 import pytest

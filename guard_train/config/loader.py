@@ -113,7 +113,7 @@ def validate(cfg: Config) -> None:
     _check(t.max_steps >= 0 and t.epochs >= 0, "train.max_steps and train.epochs must be >= 0")
     _check(t.lora_rank >= 1, f"train.lora_rank must be >= 1, got {t.lora_rank}")
     _check(t.optimizer in ("adamw", "adamw8bit"), f"train.optimizer must be adamw or adamw8bit, got {t.optimizer!r}")
-    _check(t.mixed_precision in ("no", "fp16", "bf16"), f"train.mixed_precision must be no, fp16 or bf16")
+    _check(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16")
     _check(0.0 < t.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {t.ema_decay}")
     _check(t.noise_offset >= 0 and t.snr_gamma >= 0, "train.noise_offset and train.snr_gamma must be >= 0")
     _check(t.max_grad_norm > 0, "train.max_grad_norm must be > 0")

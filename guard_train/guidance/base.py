@@ -8,7 +8,7 @@ Hyper-parameters are dataclass fields of `Params`; unknown names are rejected.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch

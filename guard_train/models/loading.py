@@ -9,7 +9,7 @@ from diffusers import DDPMScheduler, StableDiffusionPipeline
 
 # The tiny SD's model_index.json names this module for its VAE slot; diffusers only loads components from modules
 # that are already imported (it never imports a module a repository names), so import it here.
-import guard_train.models.codec  # noqa: F401,E402
+import guard_train.models.codec  # noqa: F401,E402  (side effect: registers the codec module)
 
 
 class ModelLoadError(RuntimeError):

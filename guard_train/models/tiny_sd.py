@@ -11,7 +11,6 @@ from __future__ import annotations
 import gzip
 import importlib.util
 import json
-from functools import lru_cache
 from pathlib import Path
 
 import torch

@@ -11,8 +11,6 @@ sharded across ranks (training/sampler.py); per-rank seeds drive noise, timestep
 from __future__ import annotations
 
 import json
-import math
-import os
 import shutil
 import time
 from dataclasses import asdict
@@ -483,7 +481,6 @@ class Trainer:
     def train(self) -> dict:
         import signal
 
-        cfg, t, acc = self.cfg, self.cfg.train, self.acc
         self._signal, self._preempt, self._nonfinite_run = None, False, 0
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:

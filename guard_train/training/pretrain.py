@@ -13,7 +13,6 @@ exported model (e.g. the committed one) to add more pretraining time.
 from __future__ import annotations
 
 import json
-import math
 import os
 import shutil
 import time
@@ -129,7 +128,6 @@ def build_base(cfg: PretrainConfig) -> Path:
         step = st["step"]
     prior_steps = int(prev.get("total_steps", 0))
     stream = pretrain_stream(cfg.seed, cfg.resolution, start=step * cfg.batch_size)
-    empty = tok("", padding="max_length", max_length=77, return_tensors="pt").input_ids
     gen = torch.Generator().manual_seed(cfg.seed + step)
     bar = tqdm(total=cfg.steps, initial=step, desc="build-base", mininterval=30)
     losses: list[float] = []

@@ -31,7 +31,7 @@ from guard_train.attention.processor import CrossAttnState, cross_attention_laye
 from guard_train.training.hooks import StepContext
 
 
-from guard_train.config.schema import EntropyFilterConfig, FilterConfig, MagnitudeFilterConfig  # noqa: E402
+from guard_train.config.schema import EntropyFilterConfig, FilterConfig  # noqa: E402
 
 
 class ThresholdFilter:
