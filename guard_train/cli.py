@@ -54,6 +54,13 @@ def train_main(argv: list[str]) -> int:
         print(f"\nrun directory: {result['run_dir']}\n  final weights: {result['final']}\n"
               f"  metrics: {result['run_dir']}/metrics.jsonl   config: {result['run_dir']}/config.yaml")
         print(format_summary(summary))
+        from guard_train.callbacks.memorization import MemorizationCallback
+
+        for cb in trainer.hooks.callbacks:
+            if isinstance(cb, MemorizationCallback) and cb.history:
+                print(cb.summary_table())
+                print(f"  report: {result['run_dir']}/memorization/report.html (per-evaluation metrics.json and grids "
+                      f"beside it)")
     return 0
 
 

@@ -46,6 +46,11 @@ def test_eval_exit_codes_and_outputs(tiny_sd_dir, lab_dir, tmp_path):
     m = json.loads((tmp_path / "ok" / "metrics.json").read_text())
     assert [(r["checkpoint"], r["method"]) for r in m["rows"]] == [("base", "cfg"), ("base", "guard")]
     assert set(m["rows"][0]["metrics"]["groups"]) == {"duplicated", "unique", "held_out", "all"}
+    cfg_row = m["rows"][0]["metrics"]  # cfg: detection AUROC (duplicated vs unique) and localized similarity
+    assert set(cfg_row["detection_auroc_duplicated_vs_unique"]) == {"wen_first", "wen_first10", "wen_all", "ren_E",
+                                                                   "ren_D", "be_LD"}
+    assert 0 <= cfg_row["groups"]["duplicated"]["localized_similarity_mean"] <= 1
+    assert "localized_similarity_mean" not in cfg_row["groups"]["held_out"]  # no own training image
     assert m["backend"].startswith("sscd")
     html = (tmp_path / "ok" / "report.html").read_text()
     assert "data:image/png;base64" in html and "not CLIP" in html

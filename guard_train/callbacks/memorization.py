@@ -64,11 +64,12 @@ class MemorizationCallback(Callback):
         try:
             engine = GuidanceEngine(pipe, max_batch=self.cfg.max_batch)
             for method in self.cfg.methods:
-                images, _, wall = generate_distributed(engine, self.pset, method, self.cfg.images_per_prompt,
-                                                       self.cfg.steps, self.cfg.seed, acc)
+                images, _, wall, extras = generate_distributed(engine, self.pset, method, self.cfg.images_per_prompt,
+                                                               self.cfg.steps, self.cfg.seed, acc,
+                                                               detect=(method == "cfg"))
                 if acc.is_main_process:
                     metrics, _ = score(images, self.pset, self.ref, self._embedder(), self.cfg.images_per_prompt,
-                                       self.cfg.copy_threshold, self._aligner())
+                                       self.cfg.copy_threshold, self._aligner(), extras=extras)
                     metrics["wall_s_per_image"] = wall / len(images)
                     out["methods"][method] = metrics
                     d = Path(state.run_dir) / "memorization" / tag
@@ -87,6 +88,7 @@ class MemorizationCallback(Callback):
                      for g, gm in r["groups"].items() for k, v in gm.items() if isinstance(v, (int, float))},
                     step=state.step)
             self.history.append(out)
+            self._write_report(Path(state.run_dir) / "memorization")
             stop[0] = self._check_limit(out, Path(state.run_dir))
         if acc.num_processes > 1:
             from accelerate.utils import broadcast_object_list
@@ -95,6 +97,29 @@ class MemorizationCallback(Callback):
         if stop[0] and self.cfg.stop_on_limit:
             state.should_stop = True
         return out
+
+    def _write_report(self, d: Path) -> None:
+        """report.html over every evaluation so far (copy rate vs alignment; copy rate across steps/epochs)."""
+        from guard_train.eval.command import report_html
+
+        rows = [{"checkpoint": h["tag"], "method": m, "metrics": r} for h in self.history for m, r in h["methods"].items()]
+        backend = rows[0]["metrics"]["backend"] if rows else "?"
+        (d / "report.html").write_text(report_html(rows, backend, []))
+
+    def summary_table(self) -> str:
+        """The last evaluation: copy rate per method and caption group (printed at the end of a training run)."""
+        if not self.history:
+            return ""
+        h = self.history[-1]
+        lines = [f"memorization callback ({h['tag']}, step {h['step']}) — copy rate = share of generations whose "
+                 f"top-1 {next(iter(h['methods'].values()))['backend']} similarity to a training image > "
+                 f"{self.cfg.copy_threshold}:"]
+        groups = [g for g in ("duplicated", "unique", "held_out") if g in next(iter(h["methods"].values()))["groups"]]
+        lines.append(f"{'method':<12}" + "".join(f"{g:>14}" for g in groups) + f"{'lab align (dup)':>17}")
+        for m, r in h["methods"].items():
+            lines.append(f"{m:<12}" + "".join(f"{r['groups'][g]['copy_rate']:>14.2f}" for g in groups)
+                         + f"{r['groups'][groups[0]].get('lab_alignment', float('nan')):>17.2f}")
+        return "\n".join(lines)
 
     def _check_limit(self, out: dict, run_dir: Path) -> bool:
         if not self.cfg.copy_rate_limit:

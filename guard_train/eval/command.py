@@ -175,9 +175,10 @@ def run_eval(a) -> int:
         for name, ck in ckpts:
             engine = _load_engine(a.model, ck, a.max_batch)
             for m in methods:
-                images, _, wall = generate_distributed(engine, pset, m, a.num_images, a.steps, a.seed, state)
+                images, _, wall, extras = generate_distributed(engine, pset, m, a.num_images, a.steps, a.seed, state,
+                                                               detect=(m == "cfg"))
                 if main:
-                    metrics, pp = score(images, pset, ref, embedder, a.num_images, a.threshold, aligner, clip)
+                    metrics, pp = score(images, pset, ref, embedder, a.num_images, a.threshold, aligner, clip, extras)
                     metrics["wall_s_per_image"] = wall / len(images)
                     rows.append({"checkpoint": name, "method": m, "metrics": metrics})
                     per_prompt += [{"checkpoint": name, "method": m, **r} for r in pp]

@@ -70,35 +70,57 @@ def lab_reference_and_prompts(lab_root: Path, per_group: int, seed: int = 0) -> 
     return ref, PromptSet(prompts, groups, owners)
 
 
+def _local(engine, pset, mine, method, n, steps, seed, detect, **params) -> list[tuple]:
+    """Generate this process's prompts; per prompt: (index, images, records, detection scores, end masks)."""
+    if not mine:
+        return []
+    record = ("attention", "diff", "end_maps") if detect else ()
+    res = engine.generate([pset.prompts[i] for i in mine], method=method, num_images=n, steps=steps,
+                          seeds=[seed + i for i in mine], record=record, **params)
+    scores = {}
+    if detect:
+        from guard_train.metrics.detection import scores_from_stats
+
+        scores = scores_from_stats(res.stats, n)
+    mask = res.stats.get("end_mask")
+    return [(i, res.images[k * n:(k + 1) * n], res.records[k * n:(k + 1) * n],
+             {name: float(v[k]) for name, v in scores.items()},
+             None if mask is None else mask[k * n:(k + 1) * n].cpu()) for k, i in enumerate(mine)]
+
+
 def generate_distributed(engine, pset: PromptSet, method: str, images_per_prompt: int, steps: int, seed: int,
-                         acc=None, **params) -> tuple[np.ndarray, list[dict], float]:
-    """Images for every prompt of the set (in order), split over processes; returns (images, records, wall)."""
+                         acc=None, detect: bool = False, **params) -> tuple[np.ndarray, list[dict], float, dict]:
+    """Images for every prompt of the set (in order), split over processes. Returns (images, records, wall,
+    extras) where extras holds per-prompt detection scores and per-image end-token masks when `detect`."""
     idx = list(range(len(pset.prompts)))
     t0 = time.perf_counter()
     if acc is not None and acc.num_processes > 1:
         from accelerate.utils import gather_object
 
         with acc.split_between_processes(idx, apply_padding=True) as mine:
-            res = engine.generate([pset.prompts[i] for i in mine], method=method, num_images=images_per_prompt,
-                                  steps=steps, seeds=[seed + i for i in mine], **params)
-            local = [(i, res.images[k * images_per_prompt:(k + 1) * images_per_prompt],
-                      res.records[k * images_per_prompt:(k + 1) * images_per_prompt]) for k, i in enumerate(mine)]
+            local = _local(engine, pset, list(mine), method, images_per_prompt, steps, seed, detect, **params)
         parts = gather_object([local])
-        flat = {i: (im, rec) for part in parts for i, im, rec in part}  # padding repeats collapse here
+        flat = {t[0]: t[1:] for part in parts for t in part}  # padding repeats collapse here
     else:
-        res = engine.generate(pset.prompts, method=method, num_images=images_per_prompt, steps=steps,
-                              seeds=[seed + i for i in idx], **params)
-        flat = {i: (res.images[i * images_per_prompt:(i + 1) * images_per_prompt],
-                    res.records[i * images_per_prompt:(i + 1) * images_per_prompt]) for i in idx}
+        flat = {t[0]: t[1:] for t in _local(engine, pset, idx, method, images_per_prompt, steps, seed, detect,
+                                            **params)}
     wall = time.perf_counter() - t0
     images = np.concatenate([flat[i][0] for i in idx])
     records = [r for i in idx for r in flat[i][1]]
-    return images, records, wall
+    extras: dict = {}
+    if detect:
+        extras["detection"] = {k: np.array([flat[i][2][k] for i in idx]) for k in flat[idx[0]][2]}
+        if flat[idx[0]][3] is not None:
+            import torch
+
+            extras["end_mask"] = torch.cat([flat[i][3] for i in idx])
+    return images, records, wall, extras
 
 
 def score(images: np.ndarray, pset: PromptSet, ref: Reference, embedder, images_per_prompt: int,
-          threshold: float = 0.5, aligner=None, clip=None) -> tuple[dict, list[dict]]:
-    """Metrics per group (+ "all") and one row per prompt."""
+          threshold: float = 0.5, aligner=None, clip=None, extras: Optional[dict] = None) -> tuple[dict, list[dict]]:
+    """Metrics per group (+ "all") and one row per prompt. With `extras` from a detecting generation: localized
+    similarity (against the prompt's own training image) and detection AUROC of duplicated vs unique captions."""
     e_ref = ref.embeddings.get(embedder.name)
     if e_ref is None:
         e_ref = ref.embeddings[embedder.name] = embedder.embed(ref.images)
@@ -112,6 +134,14 @@ def score(images: np.ndarray, pset: PromptSet, ref: Reference, embedder, images_
     align = aligner.score(images, caps) if aligner is not None else np.full(len(images), np.nan)
     div = diversity([e[i * n:(i + 1) * n] for i in range(len(pset.prompts))])
     clip_s = clip.score(images, caps) if clip is not None else None
+    ls = np.full(len(images), np.nan)
+    if extras and "end_mask" in extras:
+        from guard_train.metrics.copy import localized_similarity
+
+        own = np.where(owner >= 0)[0]
+        if len(own):
+            ls[own] = localized_similarity(embedder, images[own], extras["end_mask"][own],
+                                           [ref.images[owner[i]][None] for i in own])
     metrics = {"backend": embedder.name, "threshold": threshold, "groups": {}}
     if aligner is not None:
         metrics["alignment_backend"] = aligner.name
@@ -130,7 +160,18 @@ def score(images: np.ndarray, pset: PromptSet, ref: Reference, embedder, images_
             m["lab_alignment"] = float(np.nanmean(align[s]))
         if clip_s is not None:
             m["clip_score"] = float(clip_s[s].mean())
+        if not np.isnan(ls[s]).all():
+            m["localized_similarity_mean"] = float(np.nanmean(ls[s]))
         metrics["groups"][g] = m
+    if extras and "detection" in extras:
+        groups = np.array(pset.groups)
+        sel = np.isin(groups, ["duplicated", "unique"])
+        if (groups[sel] == "duplicated").any() and (groups[sel] == "unique").any():
+            from guard_train.metrics.detection import summarize
+
+            labels = (groups[sel] == "duplicated").astype(int)
+            metrics["detection_auroc_duplicated_vs_unique"] = {
+                k: summarize(v[sel], labels)["auroc"] for k, v in extras["detection"].items()}
     rows = []
     for i, p in enumerate(pset.prompts):
         sl = slice(i * n, (i + 1) * n)
