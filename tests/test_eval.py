@@ -93,3 +93,23 @@ def test_memorization_callback_on_two_processes(tiny_sd_dir, tmp_path):
     m = json.loads((tmp_path / "cb" / "memorization" / "final" / "metrics.json").read_text())
     assert set(m["methods"]) == {"cfg", "guard"} and m["methods"]["guard"]["groups"]["all"]["n_images"] == 2 * 2 * 2
     assert (tmp_path / "cb" / "memorization" / "final" / "grid_guard.png").exists()
+
+
+@pytest.mark.multiproc
+def test_callback_two_processes_equals_one(tiny_sd_dir, tmp_path):
+    helper = str(ROOT / "tests/helpers/callback_eval.py")
+    one = subprocess.run([PY, helper, str(tiny_sd_dir), str(tmp_path / "one")], cwd=ROOT, capture_output=True,
+                         text=True, timeout=300)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = subprocess.run([PY, "-m", "accelerate.commands.launch", "--config_file",
+                          str(ROOT / "accelerate_configs/cpu_2proc.yaml"), "--main_process_port", "29643", helper,
+                          str(tiny_sd_dir), str(tmp_path / "two")], cwd=ROOT, capture_output=True, text=True,
+                         timeout=300)
+    assert two.returncode == 0, two.stderr[-3000:]
+    a = json.loads((tmp_path / "one/memorization/check/metrics.json").read_text())["methods"]
+    b = json.loads((tmp_path / "two/memorization/check/metrics.json").read_text())["methods"]
+    for m in ("cfg", "guard"):
+        for g in a[m]["groups"]:
+            for k in ("copy_rate", "top1_mean", "top1_p95", "diversity"):
+                assert a[m]["groups"][g][k] == pytest.approx(b[m]["groups"][g][k], abs=1e-4), (m, g, k)
+    assert a["cfg"]["detection_auroc_duplicated_vs_unique"] == pytest.approx(b["cfg"]["detection_auroc_duplicated_vs_unique"], abs=1e-6)
