@@ -35,4 +35,6 @@ def test_plain_fine_tune_memorizes_duplicates_more_than_unique_images(tmp_path):
     r = _launch(tmp_path, "recipe=tiny_nomit", "run.name=plain", "summary.max_prompts=8")
     assert r.returncode == 0, r.stderr[-3000:]
     g = json.loads((tmp_path / "plain" / "summary.json").read_text())["groups"]
-    assert g["duplicated"]["probe_median"] > g["unique"]["probe_median"] + 0.05
+    # measured (docs/tiny-recipe.md): median 0.498 vs 0.419, share > 0.5: 0.50 vs 0.12 — assert the direction only
+    assert g["duplicated"]["probe_median"] > g["unique"]["probe_median"]
+    assert g["duplicated"]["probe_above_threshold"] > g["unique"]["probe_above_threshold"]
