@@ -32,6 +32,7 @@ def test_defaults_and_overrides():
         (["recipe=laion10k"], "data.path is required"),
         (["train.lr_scheduler=warp"], "train.lr_scheduler 'warp' is not one of"),
         (["bogus"], "arguments are key=value"),
+        (["recipe=tiny", "data.source=imagefolder", "data.path=."], "turn it off with eval.every_n_steps=0"),
     ],
 )
 def test_bad_config_messages(args, needle):

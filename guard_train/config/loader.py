@@ -156,8 +156,6 @@ def validate(cfg: Config) -> None:
 
     bad = [x for x in e.methods if x not in METHODS]
     _check(not bad, f"eval.methods {bad} unknown; methods: {', '.join(METHODS)}")
-    _check((not (e.every_n_epochs or e.every_n_steps or e.at_end)) or d.source == "lab",
-           "eval.* (the memorization callback) needs data.source=lab in this version")
     if m.dup_sampling.clusters:
         _check(Path(m.dup_sampling.clusters).is_file(), f"mitigation.dup_sampling.clusters "
                f"{m.dup_sampling.clusters!r} does not exist: run `guard-train dedup` first or leave it empty")
@@ -168,6 +166,9 @@ def validate(cfg: Config) -> None:
                f"data.path {d.path!r} does not exist. Give a local copy of the dataset (e.g. LAION-10k as "
                f"parquet or an img2dataset output folder); nothing is downloaded at run time.")
     _check_model_path(cfg.model.path)
+    _check((not (e.every_n_epochs or e.every_n_steps or e.at_end)) or d.source == "lab",
+           "the memorization callback (eval.every_n_epochs / every_n_steps / at_end) needs data.source=lab in this "
+           "version; turn it off with eval.every_n_steps=0 eval.every_n_epochs=0 eval.at_end=false")
     _check(cfg.run.resume in ("", "latest") or Path(cfg.run.resume).is_dir(),
            f"run.resume must be '', 'latest' or an existing checkpoint directory, got {cfg.run.resume!r}")
 
