@@ -53,7 +53,8 @@ def train_main(argv: list[str]) -> int:
     if main:
         print(f"\nrun directory: {result['run_dir']}\n  final weights: {result['final']}\n"
               f"  metrics: {result['run_dir']}/metrics.jsonl   config: {result['run_dir']}/config.yaml")
-        print(format_summary(summary))
+        if cfg.summary.enabled:
+            print(format_summary(summary))
         from guard_train.callbacks.memorization import MemorizationCallback
 
         for cb in trainer.hooks.callbacks:

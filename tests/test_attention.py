@@ -135,3 +135,24 @@ def test_captures_can_carry_gradients_into_lora():
     st.entropy[layer].sum().backward()
     grads = [p.grad for n, p in u.named_parameters() if "lora" in n and "attn2" in n and p.grad is not None]
     assert grads and any(g.abs().sum() > 0 for g in grads)
+
+
+def test_sdpa_edit_path_equals_explicit_path():
+    """Mask + logit-scale edits run on SDPA (keys scaled) when nothing is captured: same output as explicit."""
+    u = _unet(SD2_LIKE, lora=True)
+    x = _inputs(u)
+    layers = cross_attention_layers(u)
+    st = install(u, "all")
+    keep = torch.ones(2, 77, dtype=torch.bool)
+    keep[:, 9:] = False
+    scale = torch.ones(2, 77)
+    scale[1, 0] = 1.25
+    st.token_mask, st.token_logit_scale = keep, scale
+    with torch.no_grad():
+        fast = u(*x).sample
+        st.capture = set(layers)  # forces the explicit path
+        slow = u(*x).sample
+        st.token_mask = st.token_logit_scale = None
+        plain = u(*x).sample
+    assert torch.allclose(fast, slow, atol=1e-5)
+    assert not torch.allclose(fast, plain, atol=1e-4)

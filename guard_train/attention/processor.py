@@ -13,7 +13,9 @@ Installed on selected `attn2` layers (by module name or by execution order: down
   2. per-token logit scale S[b,:,:,k] ×= c[b,k] (Ren et al.'s BOS ×1.25 on conditional rows).
   3. token mask: S[b,:,:,k] = −∞ where keep[b,k] is False (Ren et al.'s padding mask).
 When the state asks nothing of a layer, the processor calls diffusers' `AttnProcessor2_0` (SDPA), so instrumented
-but idle layers cost nothing and match the default exactly; only active layers compute attention explicitly.
+but idle layers cost nothing and match the default exactly. Mask and logit-scale edits alone also stay on SDPA
+(scaling logit column k equals scaling key k); only captures and GUARD's spike statistic compute attention
+explicitly.
 """
 
 from __future__ import annotations
@@ -131,20 +133,44 @@ class GuardAttnProcessor:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        S = (q @ k.transpose(-1, -2)).float() * attn.scale  # (B, H, N, T)
-        if attention_mask is not None:
-            S = S + attn.prepare_attention_mask(attention_mask, k.shape[2], B).view(B, H, -1, k.shape[2]).float()
-        if st.edits(self.name):
-            S = self._edit(S)
-        P = S.softmax(-1)
-        self._capture(P)
-        out = (P.to(v.dtype) @ v).transpose(1, 2).reshape(B, N, H * d)
+        if not (self.name in st.capture or self.name in st.capture_maps or st.spike is not None):
+            out = self._sdpa_edits(attn, q, k, v, attention_mask)  # mask / logit scale only: stay on SDPA
+        else:
+            out = self._explicit(attn, q, k, v, attention_mask, B)
+        out = out.transpose(1, 2).reshape(B, N, H * d)
         out = attn.to_out[1](attn.to_out[0](out))
         if input_ndim == 4:
             out = out.transpose(-1, -2).reshape(b, c, h, w)
         if attn.residual_connection:
             out = out + residual
         return out / attn.rescale_output_factor
+
+    def _sdpa_edits(self, attn, q, k, v, attention_mask):
+        """Exact SDPA form of the token edits: scaling logit column k by c[b,k] is scaling key k by c[b,k]
+        (q·(c k) = c (q·k)); the keep-mask is SDPA's boolean mask. No attention matrix is materialised."""
+        import torch.nn.functional as F
+
+        st = self.state
+        B = q.shape[0]
+        if st.edits(self.name) and st.token_logit_scale is not None:
+            k = k * st.token_logit_scale.to(k)[:, None, :, None]
+        mask = None
+        if st.edits(self.name) and st.token_mask is not None:
+            mask = st.token_mask.to(q.device)[:, None, None, :]
+        if attention_mask is not None:
+            am = attn.prepare_attention_mask(attention_mask, k.shape[2], B).view(B, attn.heads, -1, k.shape[2])
+            mask = am if mask is None else am.masked_fill(~mask, float("-inf"))
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
+
+    def _explicit(self, attn, q, k, v, attention_mask, B):
+        S = (q @ k.transpose(-1, -2)).float() * attn.scale  # (B, H, N, T)
+        if attention_mask is not None:
+            S = S + attn.prepare_attention_mask(attention_mask, k.shape[2], B).view(B, attn.heads, -1, k.shape[2]).float()
+        if self.state.edits(self.name):
+            S = self._edit(S)
+        P = S.softmax(-1)
+        self._capture(P)
+        return P.to(v.dtype) @ v
 
     def _edit(self, S: torch.Tensor) -> torch.Tensor:
         st = self.state

@@ -150,6 +150,7 @@ class Trainer:
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
         self.bad: list[tuple[int, str]] = []
         self.metrics: dict[str, float] = {}
+        self._signal, self._preempt, self._nonfinite_run = None, False, 0  # micro_step() works after setup() alone
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def _setup_model(self) -> None:
@@ -481,7 +482,6 @@ class Trainer:
     def train(self) -> dict:
         import signal
 
-        self._signal, self._preempt, self._nonfinite_run = None, False, 0
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             return self._train()
