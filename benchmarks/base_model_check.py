@@ -22,6 +22,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from guard_train.config.loader import resolve_model_path  # noqa: E402
+from guard_train.data.images import to_model, to_uint8  # noqa: E402
 from guard_train.data.lab import LabConfig, build_lab  # noqa: E402
 from guard_train.data.photos import PHOTO_NAMES  # noqa: E402
 from guard_train.guidance.engine import GuidanceEngine  # noqa: E402
@@ -55,10 +56,8 @@ def main() -> int:
     photo_acc = float(np.mean([PHOTO_NAMES[i] == parse_caption(c)[0] for i, c in zip(pp.argmax(1), caps)]))
     codec = eng.vae
     imgs = np.stack(lab.images[:64])
-    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
     with torch.no_grad():
-        rec = codec.decode(codec.encode(x).latent_dist.mode()).sample
-    rec = ((rec.clamp(-1, 1) + 1) * 127.5).round().byte().permute(0, 2, 3, 1).numpy()
+        rec = to_uint8(codec.decode(codec.encode(to_model(imgs)).latent_dist.mode()).sample)
     emb = get_embedder("sscd")
     ceil = np.sum(emb.embed(rec) * emb.embed(imgs), 1)
     info = json.loads((Path(resolve_model_path(a.model)) / "build_info.json").read_text())

@@ -304,6 +304,14 @@ def read_manifest(root: str | Path) -> list[LabItem]:
         return [LabItem(**json.loads(line)) for line in f]
 
 
+def read_originals(root: str | Path) -> tuple[list[LabItem], np.ndarray]:
+    """The distinct training instances of a written lab (their original rows) and their images (N, H, W, 3)."""
+    root = Path(root)
+    items = [it for it in read_manifest(root) if it.copy_kind == "original"]
+    images = np.stack([np.asarray(Image.open(root / "train" / f"{it.id:05d}.png").convert("RGB")) for it in items])
+    return items, images
+
+
 def same_caption_new_instance(lab: Lab, instance: int, rng: np.random.Generator) -> np.ndarray:
     """What a model that generalises (rather than copies) would draw for this instance's caption: the same shapes
     on a new crop of the same photo, from another lab cell. Used to calibrate the copy metric."""

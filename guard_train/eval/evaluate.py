@@ -17,7 +17,6 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
-from PIL import Image
 
 from guard_train.metrics.copy import diversity
 
@@ -44,11 +43,10 @@ class Reference:
 
 def lab_reference_and_prompts(lab_root: Path, per_group: int, seed: int = 0) -> tuple[Reference, PromptSet]:
     """Distinct training images of a lab dir + prompts: duplicated, unique and held-out captions (≤ per_group each)."""
-    from guard_train.data.lab import LabItem, read_manifest
+    from guard_train.data.lab import LabItem, read_originals
 
-    items = [it for it in read_manifest(lab_root) if it.copy_kind == "original"]
-    img = lambda it: np.asarray(Image.open(lab_root / "train" / f"{it.id:05d}.png").convert("RGB"))
-    ref = Reference(np.stack([img(it) for it in items]), [it.instance for it in items])
+    items, images = read_originals(lab_root)
+    ref = Reference(images, [it.instance for it in items])
     calib = Path(__file__).resolve().parents[2] / "docs" / "measurements" / "lab_calibration_sscd.json"
     if calib.exists():
         ref.lab_threshold = json.loads(calib.read_text())["lab_threshold"]

@@ -6,9 +6,8 @@ import json
 from pathlib import Path
 
 import numpy as np
-from PIL import Image
 
-from guard_train.data.lab import read_manifest
+from guard_train.data.lab import read_originals
 from guard_train.metrics.embed import get_embedder
 from guard_train.metrics.memorization import Probe, memorization_summary
 
@@ -18,15 +17,14 @@ SCORER_DIR = Path(__file__).resolve().parents[2] / "models" / "lab-scorer"
 def lab_probes(lab_root: Path, max_per_group: int, seed: int = 0) -> tuple[list[Probe], np.ndarray, list[int]]:
     """One probe per distinct training instance (its original image and caption), up to max_per_group per group;
     plus every distinct training image (the reference set for top-1 similarity)."""
-    items = [it for it in read_manifest(lab_root) if it.copy_kind == "original"]
-    load = lambda it: np.asarray(Image.open(lab_root / "train" / f"{it.id:05d}.png").convert("RGB"))
-    train_images = np.stack([load(it) for it in items])
+    items, train_images = read_originals(lab_root)
     keys = [it.instance for it in items]
     rng = np.random.default_rng(seed)
     probes = []
-    for group, sel in (("duplicated", [it for it in items if it.is_dup]), ("unique", [it for it in items if not it.is_dup])):
+    for group, sel in (("duplicated", [i for i, it in enumerate(items) if it.is_dup]),
+                       ("unique", [i for i, it in enumerate(items) if not it.is_dup])):
         pick = sorted(rng.permutation(len(sel))[:max_per_group].tolist())
-        probes += [Probe(group, sel[j].caption, train_images[items.index(sel[j])], sel[j].instance) for j in pick]
+        probes += [Probe(group, items[sel[j]].caption, train_images[sel[j]], items[sel[j]].instance) for j in pick]
     return probes, train_images, keys
 
 

@@ -180,8 +180,9 @@ class GuidanceEngine:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        img = self.vae.decode(latents / self.vae.config.scaling_factor).sample
-        return ((img.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+        from guard_train.data.images import to_uint8
+
+        return to_uint8(self.vae.decode(latents / self.vae.config.scaling_factor).sample)
 
     def generate(self, prompts: list[str] | str, method: str = "cfg", num_images: int = 1, seed: int = 0,
                  steps: int = 50, height: Optional[int] = None, width: Optional[int] = None,

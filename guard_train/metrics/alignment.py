@@ -64,8 +64,7 @@ def _targets(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
     return photo, pairs
 
 
-def _x(images: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(images)).permute(0, 3, 1, 2).float() / 127.5 - 1
+from guard_train.data.images import to_model as _x  # noqa: E402
 
 
 @dataclass

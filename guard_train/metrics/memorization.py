@@ -28,12 +28,7 @@ class Probe:
     key: int  # instance id
 
 
-def _to_tensor(u8: np.ndarray) -> torch.Tensor:
-    return torch.from_numpy(np.ascontiguousarray(u8)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
-
-
-def _to_u8(x: torch.Tensor) -> np.ndarray:
-    return ((x.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).cpu().numpy()
+from guard_train.data.images import to_model as _to_tensor, to_uint8 as _to_u8  # noqa: E402
 
 
 def _encode_text(pipe, captions: list[str]) -> torch.Tensor:

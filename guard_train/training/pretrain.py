@@ -64,8 +64,7 @@ class PretrainConfig:
     init_from: str = ""  # continue from an exported model dir (e.g. the committed base)
 
 
-def to_tensor(imgs: list[np.ndarray]) -> torch.Tensor:
-    return torch.from_numpy(np.stack(imgs)).permute(0, 3, 1, 2).float().div(127.5).sub(1.0)
+from guard_train.data.images import to_model as to_tensor  # noqa: E402  (kept name: used by tests)
 
 
 def _export(pipe: StableDiffusionPipeline, ema: EMAModel, out: Path, meta: dict) -> None:
