@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from pathlib import Path
 
 
 def _quiet() -> None:
@@ -78,6 +79,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--minutes", type=float, default=0.0, help="time budget; export and stop when reached")
     b.add_argument("--init-from", default="", help="continue from an exported model dir")
     b.add_argument("--seed", type=int, default=0)
+    b.add_argument("--decay-from", type=int, default=-1, help="cosine-decay the lr from this step to --steps")
+    b.add_argument("--lr-min-ratio", type=float, default=0.1)
     sc = sub.add_parser("build-scorer", help="train the lab alignment scorer (attribute classifier)")
     sc.add_argument("--out", default="models/lab-scorer")
     sc.add_argument("--steps", type=int, default=1500)
@@ -130,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--max-batch", type=int, default=64)
     ev.add_argument("--fail-if", action="append", default=[], metavar="COND", help='e.g. "duplicated.copy_rate>0.05"')
     ev.add_argument("--out", required=True)
+    stp = sub.add_parser("status", help="what happened to a training run; exit 0 done, 75 preempted (requeue), "
+                                        "1 failed or a rank died, 3 running")
+    stp.add_argument("run_dir")
     lab = sub.add_parser("make-lab", help="write the lab dataset (imagefolder or parquet) with its manifest")
     lab.add_argument("--out", required=True)
     lab.add_argument("--format", choices=["imagefolder", "parquet"], default="imagefolder")
@@ -144,7 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         from guard_train.training.pretrain import PretrainConfig, build_base
 
         build_base(PretrainConfig(out=args.out, work=args.work, steps=args.steps, time_budget_min=args.minutes,
-                                  init_from=args.init_from, seed=args.seed))
+                                  init_from=args.init_from, seed=args.seed, decay_from=args.decay_from,
+                                  lr_min_ratio=args.lr_min_ratio))
         return 0
     if args.cmd == "build-scorer":
         import json
@@ -176,6 +183,16 @@ def main(argv: list[str] | None = None) -> int:
             dist.barrier()
             dist.destroy_process_group()
         return rc
+    if args.cmd == "status":
+        from guard_train.training.status import run_exit_code
+
+        try:
+            code, lines = run_exit_code(Path(args.run_dir))
+        except FileNotFoundError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        print("\n".join(lines))
+        return code
     if args.cmd == "make-lab":
         from dataclasses import fields
 

@@ -1,3 +1,5 @@
+import json
+import os
 import signal
 import subprocess
 import time
@@ -7,6 +9,7 @@ import torch
 
 from conftest import PY, ROOT, read_metrics, small_lab_args
 from guard_train.config.loader import load_config
+from guard_train.training import checkpoint as ckpt
 from guard_train.training.hooks import Hooks
 from guard_train.training.loop import NonFiniteError, Trainer, train
 
@@ -61,3 +64,181 @@ def test_transient_nan_is_skipped_and_persistent_nan_stops(tmp_path, tiny_sd_dir
         t.train()
     t.close()
     assert (tmp_path / "always" / "checkpoints" / "checkpoint-4" / "COMPLETE").exists()  # last good one kept
+
+
+def _wait_for_steps(run, n, proc, limit=180):
+    deadline = time.time() + limit
+    m = run / "metrics.jsonl"
+    while time.time() < deadline and (not m.exists() or len(m.read_text().splitlines()) < n):
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        time.sleep(0.1)
+
+
+def _final_weights(run):
+    from safetensors.torch import load_file
+
+    return load_file(run / "final/unet/diffusion_pytorch_model.safetensors")
+
+
+# the default recipe's mitigations (entropy filter, duplicate-aware sampler) and EMA, so their state is covered too
+_MITIGATED = {"recipe": "tiny", "train.max_steps": 24, "train.checkpoint_every": 5, "train.ema": "true",
+              "train.learning_rate": 5e-4, "mitigation.entropy_filter.warmup_steps": 4,
+              "mitigation.entropy_filter.buckets": 2}
+
+
+def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, tiny_sd_dir):
+    """SIGKILL (no handler can run) after step >= 13, mid-epoch (7 batches per epoch); resume=latest replays from the
+    last complete checkpoint. Same per-step loss (bitwise) at every step means the same samples in the same order:
+    a skipped or repeated batch would change it."""
+    train(load_config(small_lab_args(tmp_path, tiny_sd_dir, **_MITIGATED, **{"run.name": "straight"})))
+    args = small_lab_args(tmp_path, tiny_sd_dir, **_MITIGATED, **{"run.name": "killed"})
+    run = tmp_path / "killed"
+    p = subprocess.Popen([PY, "train.py", *args], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    _wait_for_steps(run, 13, p)
+    p.kill()
+    p.wait(timeout=30)
+    logged = len(read_metrics(run))
+    resumed_from = int(ckpt.latest_checkpoint(run).name.split("-")[1])
+    assert resumed_from % 5 == 0 and resumed_from < logged <= 24, (resumed_from, logged)
+    r = subprocess.run([PY, "train.py", *args, "resume=latest"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(run)
+    assert [m["step"] for m in b] == list(range(1, 25))  # each step logged once ...
+    discarded = [json.loads(l) for l in (run / "metrics.discarded.jsonl").read_text().splitlines()]
+    assert [m["step"] for m in discarded] == list(range(resumed_from + 1, logged + 1))  # ... the replayed ones kept
+    assert [m["loss"] for m in a] == [m["loss"] for m in b]
+    assert [m.get("entropy_filter_kept") for m in a] == [m.get("entropy_filter_kept") for m in b]
+    assert [m["lr"] for m in a] == [m["lr"] for m in b]
+    wa, wb = _final_weights(tmp_path / "straight"), _final_weights(run)
+    assert all(torch.equal(wa[k], wb[k]) for k in wa)  # EMA weights: bitwise equal
+
+
+@pytest.mark.parametrize("mode", ["before_rename", "before_marker"])
+def test_kill_during_checkpoint_save_resumes_from_the_last_complete_one(tmp_path, tiny_sd_dir, mode):
+    common = {"train.max_steps": 12, "train.checkpoint_every": 4, "train.learning_rate": 5e-4,
+              "train.checkpoints_total_limit": 1}
+    train(load_config(small_lab_args(tmp_path, tiny_sd_dir, **common, **{"run.name": "straight"})))
+    args = small_lab_args(tmp_path, tiny_sd_dir, **common, **{"run.name": "cut"})
+    run = tmp_path / "cut"
+    r = subprocess.run([PY, "tests/helpers/die_in_save.py", mode, "8", *args], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+    assert r.returncode == -signal.SIGKILL, r.stderr[-3000:]
+    partial = run / "checkpoints" / ("checkpoint-8.tmp" if mode == "before_rename" else "checkpoint-8")
+    assert (partial / "model.safetensors").exists() or any(partial.glob("*.safetensors"))  # really half-written
+    assert not (partial / ckpt.MARKER).exists()
+    assert ckpt.latest_checkpoint(run).name == "checkpoint-4"  # never the partial one; limit 1 kept the good one
+    r = subprocess.run([PY, "train.py", *args, "resume=latest"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 0, r.stderr[-3000:]
+    assert "resumed from" in r.stdout + r.stderr and "checkpoint-4" in r.stdout + r.stderr
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(run)
+    assert [m["step"] for m in b] == list(range(1, 13)) and [m["loss"] for m in a] == [m["loss"] for m in b]
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["checkpoint-12"]  # partial one replaced
+
+
+def test_retention_never_deletes_the_only_complete_checkpoint(tmp_path, monkeypatch):
+    ck = tmp_path / "checkpoints"
+    for name, complete in [("checkpoint-5", True), ("checkpoint-10", False), ("checkpoint-12.tmp", False)]:
+        (ck / name).mkdir(parents=True)
+        if complete:
+            (ck / name / ckpt.MARKER).write_text("ok\n")
+    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-5"  # incomplete 10 and .tmp 12 are not taken
+    # a crash inside finalize (rename fails) leaves the previous complete checkpoint in place
+    ckpt.tmp_dir(tmp_path, 15).mkdir()
+    monkeypatch.setattr(ckpt.os, "replace", lambda *a: (_ for _ in ()).throw(OSError("disk full")))
+    with pytest.raises(OSError):
+        ckpt.finalize(tmp_path, 15, {"step": 15}, keep=1)
+    assert ckpt.latest_checkpoint(tmp_path).name == "checkpoint-5"
+    monkeypatch.undo()
+    final = ckpt.finalize(tmp_path, 15, {"step": 15}, keep=1)
+    # keep=1: the old complete one goes only once 15 is complete; stale partial ones older than 15 are cleaned
+    assert sorted(p.name for p in ck.iterdir()) == ["checkpoint-15"] and (final / ckpt.MARKER).exists()
+    assert json.loads((final / "training_state.json").read_text()) == {"step": 15}
+
+
+def _launch_2proc(args, port):
+    cmd = [PY, "-m", "accelerate.commands.launch", "--config_file", str(ROOT / "accelerate_configs/cpu_2proc.yaml"),
+           "--main_process_port", str(port), "train.py", *args]
+    return subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            start_new_session=True)
+
+
+def _status_cli(run):
+    return subprocess.run([PY, "-m", "guard_train.cli", "status", str(run)], capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.multiproc
+def test_one_rank_dies_the_other_exits_within_a_bounded_time(tmp_path, tiny_sd_dir):
+    args = small_lab_args(tmp_path, tiny_sd_dir, **{"run.name": "rf", "train.max_steps": 5000,
+                                                     "train.checkpoint_every": 3})
+    run = tmp_path / "rf"
+    p = _launch_2proc(args, 29671)
+    try:
+        _wait_for_steps(run, 4, p)
+        pid1 = json.loads((run / "status" / "rank1.json").read_text())["pid"]
+        os.kill(pid1, signal.SIGKILL)
+        t0 = time.time()
+        p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode != 0 and time.time() - t0 < 60
+    st0 = json.loads((run / "status" / "rank0.json").read_text())
+    assert st0["state"] == "failed" and "another rank probably died" in st0["error"]
+    s = _status_cli(run)
+    assert s.returncode == 1 and "rank 1: died" in s.stdout and "rank 0: failed" in s.stdout
+    assert ckpt.latest_checkpoint(run) is not None  # what was saved before the failure is intact
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_two_process_preemption_saves_on_every_rank_then_resumes_exactly(tmp_path, tiny_sd_dir):
+    """SIGTERM to the whole job (what SLURM and Kubernetes do): every rank saves and stops within 60 s. Under
+    `accelerate launch` the launcher exits 1 (torchrun's agent), so `guard-train status` gives the 75 a scheduler
+    requeues on; the resumed 2-process run equals an uninterrupted one."""
+    common = {"train.max_steps": 30, "train.learning_rate": 5e-4, "train.checkpoint_every": 0}
+    p = _launch_2proc(small_lab_args(tmp_path, tiny_sd_dir, **common, **{"run.name": "straight"}), 29673)
+    assert p.wait(timeout=300) == 0, p.communicate()[1][-3000:]
+    args = small_lab_args(tmp_path, tiny_sd_dir, **common, **{"run.name": "pre"})
+    run = tmp_path / "pre"
+    p = _launch_2proc(args, 29675)
+    try:
+        _wait_for_steps(run, 4, p)
+        os.killpg(p.pid, signal.SIGTERM)
+        t0 = time.time()
+        p.communicate(timeout=90)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert time.time() - t0 < 60
+    st = [json.loads((run / "status" / f"rank{r}.json").read_text()) for r in (0, 1)]
+    assert [s["state"] for s in st] == ["preempted", "preempted"] and st[0]["step"] == st[1]["step"] < 30
+    assert ckpt.latest_checkpoint(run).name == f"checkpoint-{st[0]['step']}"
+    s = _status_cli(run)
+    assert s.returncode == 75 and "requeue" in s.stdout
+    p = _launch_2proc(args + ["resume=latest"], 29677)
+    assert p.wait(timeout=300) == 0, p.communicate()[1][-3000:]
+    a, b = read_metrics(tmp_path / "straight"), read_metrics(run)
+    assert [m["step"] for m in b] == list(range(1, 31)) and [m["loss"] for m in a] == [m["loss"] for m in b]
+    assert _status_cli(run).returncode == 0
+
+
+@pytest.mark.slow
+@pytest.mark.multiproc
+def test_a_hung_rank_makes_the_other_fail_after_the_collective_timeout(tmp_path, tiny_sd_dir):
+    """SIGSTOP one rank (a hang, not a death): the other's collective times out after run.collective_timeout_s,
+    it records the error and exits; torchrun's agent then kills the stopped rank (after its 30 s grace)."""
+    args = small_lab_args(tmp_path, tiny_sd_dir, **{"run.name": "hang", "train.max_steps": 5000,
+                                                     "train.checkpoint_every": 3, "run.collective_timeout_s": 10})
+    run = tmp_path / "hang"
+    p = _launch_2proc(args, 29679)
+    try:
+        _wait_for_steps(run, 4, p)
+        os.kill(json.loads((run / "status" / "rank1.json").read_text())["pid"], signal.SIGSTOP)
+        t0 = time.time()
+        p.communicate(timeout=120)
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+    assert p.returncode != 0 and time.time() - t0 < 90
+    st0 = json.loads((run / "status" / "rank0.json").read_text())
+    assert st0["state"] == "failed" and "Timed out" in st0["error"]

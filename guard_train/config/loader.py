@@ -117,6 +117,7 @@ def validate(cfg: Config) -> None:
     _check(0.0 < t.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {t.ema_decay}")
     _check(t.noise_offset >= 0 and t.snr_gamma >= 0, "train.noise_offset and train.snr_gamma must be >= 0")
     _check(t.max_grad_norm > 0, "train.max_grad_norm must be > 0")
+    _check(cfg.run.collective_timeout_s >= 10, "run.collective_timeout_s must be >= 10 (seconds)")
     _check(t.checkpoint_every >= 0 and t.checkpoints_total_limit >= 1,
            "train.checkpoint_every must be >= 0 and train.checkpoints_total_limit >= 1")
     from diffusers.optimization import SchedulerType

@@ -174,6 +174,9 @@ class RunConfig:
     overwrite: bool = False
     report_to: str = "tensorboard"  # tensorboard | wandb | … (accelerate trackers) | none
     log_every: int = 10
+    # a collective that waits longer than this (a peer rank died or hangs) raises instead of hanging; the
+    # launcher (torchrun's agent) usually ends the survivors sooner, this bounds it when it does not
+    collective_timeout_s: int = 600
 
 
 @dataclass

@@ -43,6 +43,19 @@ def finalize(run_dir: Path, step: int, state: dict, keep: int) -> Path:
         shutil.rmtree(final)
     os.replace(tmp, final)
     (final / MARKER).write_text("ok\n")
+    # rotation only after the new checkpoint is complete, so the newest good one is never the one deleted
     for old in complete_checkpoints(run_dir)[:-keep]:
         shutil.rmtree(old, ignore_errors=True)
+    for stale in _incomplete(run_dir, before=step):  # leftovers of a run killed mid-save
+        shutil.rmtree(stale, ignore_errors=True)
     return final
+
+
+def _incomplete(run_dir: Path, before: int) -> list[Path]:
+    """checkpoint-N.tmp dirs and checkpoint-N dirs without the marker, with N < `before`."""
+    out = []
+    for p in (Path(run_dir) / "checkpoints").iterdir():
+        m = re.match(r"^checkpoint-(\d+)(\.tmp)?$", p.name)
+        if m and int(m.group(1)) < before and (m.group(2) or not (p / MARKER).exists()):
+            out.append(p)
+    return out

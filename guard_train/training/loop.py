@@ -11,6 +11,7 @@ sharded across ranks (training/sampler.py); per-rank seeds drive noise, timestep
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from dataclasses import asdict
@@ -33,6 +34,7 @@ from guard_train.models.loading import load_components
 from guard_train.training import checkpoint as ckpt
 from guard_train.training.hooks import Hooks, StepContext, TrainState
 from guard_train.training.sampler import EpochShardSampler
+from guard_train.training.status import describe_failure, write_status
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -138,7 +140,10 @@ class Trainer:
         # the Accelerator, whose trackers need that directory, is built after.
         from accelerate import PartialState
 
-        state = PartialState(cpu=not torch.cuda.is_available())  # `--cpu` launches give 1 process; see configs
+        from datetime import timedelta
+
+        # `--cpu` launches give 1 process (see configs); the timeout bounds a collective whose peer died or hangs
+        state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=cfg.run.collective_timeout_s))
         self.run_dir, self.resume_from = resolve_run_dir(cfg, state)
         self.acc = Accelerator(
             cpu=not torch.cuda.is_available(),
@@ -151,6 +156,7 @@ class Trainer:
         self.bad: list[tuple[int, str]] = []
         self.metrics: dict[str, float] = {}
         self._signal, self._preempt, self._nonfinite_run = None, False, 0  # micro_step() works after setup() alone
+        self._status_ready = False
 
     # -- setup ---------------------------------------------------------------------------------------------------
     def _setup_model(self) -> None:
@@ -261,6 +267,8 @@ class Trainer:
                      "world": self.world, "hooks": [cb.state_dict() for cb in self.hooks.callbacks]}
             ckpt.finalize(self.run_dir, self.step, state, self.cfg.train.checkpoints_total_limit)
         acc.wait_for_everyone()
+        write_status(self.run_dir, self.rank, "running", self.step, world=self.world,
+                     checkpoint=str(ckpt.latest_checkpoint(self.run_dir)))
 
     def load_checkpoint(self, path: Path) -> None:
         state = json.loads((path / "training_state.json").read_text())
@@ -419,6 +427,10 @@ class Trainer:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
+            if self.resume_from:
+                _drop_metrics_after(self.run_dir, self.step)
+        write_status(self.run_dir, self.rank, "running", self.step, world=self.world)
+        self._status_ready = True
 
     def batches(self):
         """Micro-batches forever, epoch after epoch, from the resumed position; runs the epoch-end hooks."""
@@ -484,7 +496,17 @@ class Trainer:
 
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
-            return self._train()
+            result = self._train()
+            write_status(self.run_dir, self.rank, "completed", self.step)
+            return result
+        except Preempted:
+            write_status(self.run_dir, self.rank, "preempted", self.step, signal=self._signal,
+                         checkpoint=str(ckpt.latest_checkpoint(self.run_dir)))
+            raise
+        except BaseException as e:
+            if self._status_ready:
+                write_status(self.run_dir, self.rank, "failed", self.step, error=describe_failure(e))
+            raise
         finally:
             for s, h in old.items():
                 signal.signal(s, h)
@@ -597,6 +619,26 @@ class Trainer:
             loaders.write_bad_items(bad, self.run_dir / "bad_items.json")
             self.metrics["bad_items"] = len(bad)
         acc.wait_for_everyone()
+
+
+def _drop_metrics_after(run_dir: Path, step: int) -> None:
+    """On resume, log lines past the checkpoint's step (written before a kill) would be logged again: move them to
+    metrics.discarded.jsonl (kept, not lost), so metrics.jsonl holds each step once."""
+    path = run_dir / "metrics.jsonl"
+    if not path.exists():
+        return
+    keep, drop = [], []
+    for line in path.read_text().splitlines(keepends=True):
+        try:
+            (keep if json.loads(line).get("step", 0) <= step else drop).append(line)
+        except json.JSONDecodeError:  # a line cut by the kill
+            drop.append(line)
+    if drop:
+        with open(run_dir / "metrics.discarded.jsonl", "a") as f:
+            f.writelines(drop)
+        tmp = path.with_suffix(".jsonl.tmp")
+        tmp.write_text("".join(keep))
+        os.replace(tmp, path)
 
 
 def _flat(cfg: Config) -> dict:

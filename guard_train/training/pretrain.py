@@ -13,6 +13,7 @@ exported model (e.g. the committed one) to add more pretraining time.
 from __future__ import annotations
 
 import json
+import math
 import os
 import shutil
 import time
@@ -62,6 +63,8 @@ class PretrainConfig:
     sample_every: int = 1000
     time_budget_min: float = 0.0  # stop (and export) after this many minutes; 0 = no limit
     init_from: str = ""  # continue from an exported model dir (e.g. the committed base)
+    decay_from: int = -1  # >= 0: cosine-decay the lr from this step to lr * lr_min_ratio at `steps`
+    lr_min_ratio: float = 0.1
 
 
 from guard_train.data.images import to_model as to_tensor  # noqa: E402  (kept name: used by tests)
@@ -93,6 +96,19 @@ def sample_grid(pipe: StableDiffusionPipeline, captions, path: Path, n: int = 4,
                    height=pipe.vae.config.sample_size, width=pipe.vae.config.sample_size, output_type="np").images
         rows.append(np.concatenate(list((ims * 255).round().astype(np.uint8)), 1))
     Image.fromarray(np.concatenate(rows, 0)).save(path)
+
+
+def lr_at(cfg: PretrainConfig, step: int) -> float:
+    """Linear warm-up, constant, then (if `decay_from` >= 0) a cosine tail down to `lr * lr_min_ratio` at `steps`.
+
+    The tail is what turns a constant-lr model's noisy textures into cleaner ones; it is applied when a long
+    pretraining is continued for a last segment (the committed base's step 8,500 → 17,000 run).
+    """
+    lr = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+    if 0 <= cfg.decay_from <= step:
+        frac = min(1.0, (step - cfg.decay_from) / max(1, cfg.steps - cfg.decay_from))
+        lr = cfg.lr * (cfg.lr_min_ratio + (1 - cfg.lr_min_ratio) * 0.5 * (1 + math.cos(math.pi * frac)))
+    return lr
 
 
 def build_base(cfg: PretrainConfig) -> Path:
@@ -155,7 +171,7 @@ def build_base(cfg: PretrainConfig) -> Path:
         w = torch.clamp(snr, max=cfg.snr_gamma) / snr  # min-SNR-γ weighting (Hang et al. 2023), epsilon target
         loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
         for g in opt.param_groups:
-            g["lr"] = cfg.lr * min(1.0, (step + 1) / cfg.warmup)
+            g["lr"] = lr_at(cfg, step)
         loss.backward()
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         opt.step()
