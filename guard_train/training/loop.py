@@ -427,7 +427,7 @@ class Trainer:
         if acc.is_main_process:
             self.run_dir.mkdir(parents=True, exist_ok=True)
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
-            if self.resume_from:
+            if self.resume_from or cfg.run.resume:  # also resume=latest before any checkpoint: a fresh start
                 _drop_metrics_after(self.run_dir, self.step)
         write_status(self.run_dir, self.rank, "running", self.step, world=self.world)
         self._status_ready = True
