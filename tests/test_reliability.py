@@ -14,7 +14,8 @@ from guard_train.training.hooks import Hooks
 from guard_train.training.loop import NonFiniteError, Trainer, train
 
 
-def test_sigterm_saves_checkpoint_exits_75_and_resume_is_exact(tmp_path, tiny_sd_dir):
+@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+def test_sigterm_saves_checkpoint_exits_75_and_resume_is_exact(tmp_path, tiny_sd_dir, sig):
     common = {"train.max_steps": 40, "train.learning_rate": 5e-4}
     train(load_config(small_lab_args(tmp_path, tiny_sd_dir, **common, **{"run.name": "straight"})))
     args = small_lab_args(tmp_path, tiny_sd_dir, **common, **{"run.name": "pre"})
@@ -23,7 +24,7 @@ def test_sigterm_saves_checkpoint_exits_75_and_resume_is_exact(tmp_path, tiny_sd
     deadline = time.time() + 120
     while time.time() < deadline and (not metrics.exists() or len(metrics.read_text().splitlines()) < 3):
         time.sleep(0.2)
-    p.send_signal(signal.SIGTERM)
+    p.send_signal(sig)
     t0 = time.time()
     out, err = p.communicate(timeout=60)
     assert p.returncode == 75, err[-2000:]
@@ -60,7 +61,7 @@ def test_transient_nan_is_skipped_and_persistent_nan_stops(tmp_path, tiny_sd_dir
     t = Trainer(load_config(small_lab_args(tmp_path, tiny_sd_dir, **{
         "run.name": "always", "train.max_steps": 10, "train.checkpoint_every": 2,
         "train.max_consecutive_nonfinite": 3})), Hooks(loss_weighting=[_nan_hook(set(range(5, 100)))]))
-    with pytest.raises(NonFiniteError, match="3 non-finite losses in a row"):
+    with pytest.raises(NonFiniteError, match="3 non-finite losses/gradients in a row"):
         t.train()
     t.close()
     assert (tmp_path / "always" / "checkpoints" / "checkpoint-4" / "COMPLETE").exists()  # last good one kept
@@ -242,3 +243,100 @@ def test_a_hung_rank_makes_the_other_fail_after_the_collective_timeout(tmp_path,
     assert p.returncode != 0 and time.time() - t0 < 90
     st0 = json.loads((run / "status" / "rank0.json").read_text())
     assert st0["state"] == "failed" and "Timed out" in st0["error"]
+
+
+class _NanGrad(torch.autograd.Function):
+    """Identity forward (the loss stays finite), NaN backward: every parameter gets NaN gradients."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def _nan_grads_on(trainer, calls):
+    orig, n = trainer._loss, {"i": 0}
+
+    def loss(batch):
+        out, logs = orig(batch)
+        n["i"] += 1
+        return (_NanGrad.apply(out) if n["i"] in calls else out), logs
+
+    trainer._loss = loss
+
+
+def test_nonfinite_gradients_with_a_finite_loss_are_skipped_and_stop_when_persistent(tmp_path, tiny_sd_dir):
+    t = Trainer(load_config(small_lab_args(tmp_path, tiny_sd_dir, **{"run.name": "g", "train.max_steps": 4})))
+    _nan_grads_on(t, {2})
+    t.train()
+    w = {k: v.clone() for k, v in t.acc.unwrap_model(t.unet).state_dict().items()}
+    t.close()
+    m = read_metrics(tmp_path / "g")
+    assert [x["step"] for x in m] == [1, 2, 3, 4] and m[-1]["skipped_nonfinite"] == 1
+    assert all(torch.isfinite(v).all() for v in w.values())  # the NaN update never reached the weights
+    t = Trainer(load_config(small_lab_args(tmp_path, tiny_sd_dir, **{
+        "run.name": "g2", "train.max_steps": 10, "train.checkpoint_every": 2, "train.max_consecutive_nonfinite": 2})))
+    _nan_grads_on(t, set(range(4, 100)))
+    with pytest.raises(NonFiniteError, match="last: gradients"):
+        t.train()
+    t.close()
+    assert ckpt.latest_checkpoint(tmp_path / "g2").name == "checkpoint-2"
+
+
+class _Payload:
+    """Unpickling this runs `touch <marker>`: what a tampered checkpoint or .bin model could do."""
+
+    def __init__(self, marker):
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return (os.system, (f"touch {self.marker}",))
+
+
+@pytest.mark.parametrize("victim", ["rank_state_0.pt", "optimizer.bin", "ema.pt", "random_states_0.pkl"])
+def test_a_tampered_checkpoint_is_refused_not_executed(tmp_path, tiny_sd_dir, victim):
+    common = {"train.max_steps": 4, "train.checkpoint_every": 2, "train.ema": "true", "run.name": "r"}
+    train(load_config(small_lab_args(tmp_path, tiny_sd_dir, **common)))
+    ck = ckpt.latest_checkpoint(tmp_path / "r")
+    assert not list(ck.glob("*.pkl")) or all("random_states" in p.name for p in ck.glob("*.pkl"))
+    marker = tmp_path / "pwned"
+    torch.save({"x": _Payload(marker)}, ck / victim)
+    r = subprocess.run([PY, "train.py", *small_lab_args(tmp_path, tiny_sd_dir, **{**common, "train.max_steps": 6}),
+                        "resume=latest"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+    assert r.returncode == 2 and "could not be loaded safely" in r.stderr, r.stderr[-3000:]
+    assert "Traceback" not in r.stderr and not marker.exists()
+
+
+def test_pickled_model_and_lora_weights_are_refused_not_executed(tmp_path, tiny_sd_dir):
+    import shutil
+
+    from guard_train.models.loading import ModelLoadError, load_lora, load_pipeline
+
+    marker = tmp_path / "pwned"
+    bad = tmp_path / "model"
+    shutil.copytree(tiny_sd_dir, bad)
+    st = next((bad / "unet").glob("*.safetensors"))
+    st.unlink()
+    torch.save({"x": _Payload(marker)}, bad / "unet" / "diffusion_pytorch_model.bin")
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_pipeline(str(bad))
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    torch.save({"x": _Payload(marker)}, lora / "pytorch_lora_weights.bin")
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_lora(load_pipeline(str(tiny_sd_dir)), str(lora))
+    assert not marker.exists()
+
+
+def test_sources_never_unpickle_unsafely_or_trust_remote_code():
+    """Static guard beside the behavioural tests above: every torch.load in our code passes weights_only=True."""
+    import re
+
+    for f in (ROOT / "guard_train").rglob("*.py"):
+        text = f.read_text()
+        assert "trust_remote_code=True" not in text, f
+        for call in re.findall(r"torch\.load\([^\n]*", text):
+            assert "weights_only=True" in call, (f, call)

@@ -87,7 +87,9 @@ def _load_engine(base: str, ckpt: str | None, max_batch: int):
         return GuidanceEngine(load_pipeline(str(c)), max_batch)
     pipe = load_pipeline(base)
     if (c / "pytorch_lora_weights.safetensors").exists():
-        pipe.load_lora_weights(str(c))
+        from guard_train.models.loading import load_lora
+
+        load_lora(pipe, str(c))
     elif (c / "model.safetensors").exists():  # accelerate checkpoint of a full fine-tune: the UNet's weights
         from safetensors.torch import load_file
 

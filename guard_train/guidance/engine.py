@@ -61,11 +61,11 @@ class GuidanceEngine:
 
     @classmethod
     def from_pretrained(cls, path: str, lora: Optional[str] = None, **kw) -> "GuidanceEngine":
-        from guard_train.models.loading import load_pipeline
+        from guard_train.models.loading import load_lora, load_pipeline
 
         pipe = load_pipeline(path)
         if lora:
-            pipe.load_lora_weights(lora)
+            load_lora(pipe, lora)
         pipe.set_progress_bar_config(disable=True)
         return cls(pipe, **kw)
 

@@ -30,14 +30,27 @@ def load_pipeline(path: str, revision: str | None = None, variant: str | None = 
     try:
         return StableDiffusionPipeline.from_pretrained(
             path, revision=revision, variant=variant, safety_checker=None, requires_safety_checker=False,
-            local_files_only=True, **kw,
+            local_files_only=True, use_safetensors=True, **kw,  # never unpickle weights (code execution)
         )
     except (OSError, ValueError, EnvironmentError) as e:
         where = "directory" if Path(path).exists() else "hub id (looked up in the local cache only)"
         raise ModelLoadError(
             f"could not load a Stable Diffusion pipeline from {where} {path!r}: {str(e).splitlines()[0]}. "
             f"Give a diffusers SD 1.x/2.x directory (model_index.json, unet/, vae/, text_encoder/, tokenizer/, "
-            f"scheduler/); to use a hub id offline, download it first on a machine with access."
+            f"scheduler/) with .safetensors weights (pickled .bin weights are refused: convert them with "
+            f"diffusers' save_pretrained(..., safe_serialization=True)); to use a hub id offline, download it first on "
+            f"a machine with access."
+        ) from None
+
+
+def load_lora(pipe: StableDiffusionPipeline, path: str) -> None:
+    """`pipe.load_lora_weights` from safetensors only (a pickled .bin LoRA could run code when loaded)."""
+    try:
+        pipe.load_lora_weights(path, use_safetensors=True)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ModelLoadError(
+            f"could not load LoRA weights from {path!r}: {str(e).splitlines()[0]}. Give a directory with "
+            f"pytorch_lora_weights.safetensors (diffusers' save_lora_weights format; pickled .bin files are refused)."
         ) from None
 
 

@@ -213,8 +213,9 @@ class Trainer:
         if t.ema:
             from diffusers.training_utils import EMAModel
 
+            # saved by us (ema.pt, tensors + numbers, loaded weights_only), not register_for_checkpointing, whose
+            # custom_checkpoint_*.pkl accelerate unpickles with weights_only=False
             self.ema = EMAModel(self.params, decay=t.ema_decay)
-            acc.register_for_checkpointing(self.ema)
         if t.mode == "lora":
             acc.register_save_state_pre_hook(self._save_lora_hook)
             acc.register_load_state_pre_hook(self._load_lora_hook)
@@ -260,6 +261,8 @@ class Trainer:
                     "loss_hooks": [h.state_dict() if hasattr(h, "state_dict") else None
                                    for h in self.hooks.loss_weighting]},
                    tmp / f"rank_state_{self.rank}.pt")
+        if self.ema is not None and acc.is_main_process:  # identical on every rank: one copy
+            torch.save(self.ema.state_dict(), tmp / "ema.pt")
         bad = self._gather_bad()
         acc.wait_for_everyone()
         if acc.is_main_process:
@@ -275,8 +278,23 @@ class Trainer:
         if state["world"] != self.world:
             raise ConfigError(f"checkpoint {path} was written by {state['world']} processes; resume it with the "
                               f"same number of processes (got {self.world})")
-        self.acc.load_state(str(path))
-        rs = torch.load(path / f"rank_state_{self.rank}.pt", weights_only=True)  # tensors and plain data only
+        import pickle
+
+        try:  # every file is loaded weights_only (accelerate's too): a tampered pickle is refused, never run
+            self.acc.load_state(str(path))
+            from accelerate.utils import load as acc_load
+
+            # accelerate swallows a failed RNG-state load (resume would silently stop being exact): check it here
+            acc_load(path / f"random_states_{self.rank}.pkl")
+            rs = torch.load(path / f"rank_state_{self.rank}.pt", weights_only=True)  # tensors and plain data only
+            if self.ema is not None:
+                self.ema.load_state_dict(torch.load(path / "ema.pt", weights_only=True))
+        except (pickle.UnpicklingError, RuntimeError, EOFError, FileNotFoundError) as e:
+            raise ConfigError(
+                f"checkpoint {path} could not be loaded safely: {str(e).splitlines()[0][:300]}. A file in it is "
+                f"missing, corrupted or holds more than tensors (refused: loading it could run code). Resume from "
+                f"another checkpoint with resume=<path to checkpoint-N>, or start over with run.overwrite=true."
+            ) from None
         self.gen.set_state(rs["gen"])
         self.vae_gen.set_state(rs["vae_gen"])
         self.np_rng.bit_generator.state = rs["np"]
@@ -470,23 +488,37 @@ class Trainer:
                                              float(self._signal is not None)], device=acc.device), "sum")
             self._preempt = bool(flags[2] > 0)
             reason = "skipped_nonfinite" if flags[0] > 0 else ("skipped_all_dropped" if flags[1] == 0 else "")
-            self._nonfinite_run = self._nonfinite_run + 1 if reason == "skipped_nonfinite" else 0
-            if self._nonfinite_run >= t.max_consecutive_nonfinite:
-                raise NonFiniteError(
-                    f"{self._nonfinite_run} non-finite losses in a row at step {self.step}; stopping. The last good "
-                    f"checkpoint is kept ({ckpt.latest_checkpoint(self.run_dir)}); lower train.learning_rate or "
-                    f"check the data, then resume=latest.")
+            # consecutive non-finite events (losses here, gradients below); reset by any other outcome
+            self._nonfinite_run = self._nonfinite_run + 1 if reason == "skipped_nonfinite" else (
+                0 if reason else self._nonfinite_run)
+            self._check_nonfinite_run("losses")
             if reason:  # every rank skips this micro-step together: no hang, no divergent update
                 self.optimizer.zero_grad(set_to_none=True)
                 self.metrics[reason] = self.metrics.get(reason, 0) + 1
                 return (logs if reason == "skipped_all_dropped" else {}), reason
             acc.backward(loss)
             if acc.sync_gradients:
-                acc.clip_grad_norm_(self.params, t.max_grad_norm)
+                norm = acc.clip_grad_norm_(self.params, t.max_grad_norm)
+                # finite loss, non-finite gradients: gradients are already all-reduced here, so every rank sees the
+                # same norm and skips together. fp16 is left to its GradScaler, which skips such steps itself.
+                if t.mixed_precision != "fp16" and norm is not None and not torch.isfinite(torch.as_tensor(norm)):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    self._nonfinite_run += 1
+                    self.metrics["skipped_nonfinite"] = self.metrics.get("skipped_nonfinite", 0) + 1
+                    self._check_nonfinite_run("gradients")
+                    return {}, "skipped_nonfinite"
+                self._nonfinite_run = 0
             self.optimizer.step()
             self.lr_scheduler.step()
             self.optimizer.zero_grad(set_to_none=True)
         return logs, ""
+
+    def _check_nonfinite_run(self, what: str) -> None:
+        if self._nonfinite_run >= self.cfg.train.max_consecutive_nonfinite:
+            raise NonFiniteError(
+                f"{self._nonfinite_run} non-finite losses/gradients in a row (last: {what}) at step {self.step}; "
+                f"stopping. The last good checkpoint is kept ({ckpt.latest_checkpoint(self.run_dir)}); lower "
+                f"train.learning_rate or check the data, then resume=latest.")
 
     def _on_signal(self, signum, frame) -> None:
         self._signal = signum  # acted on at the next step boundary, by every rank together
