@@ -66,6 +66,47 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
+def _lab(args) -> int:
+    import shlex
+    import shutil
+
+    from guard_train.config.loader import resolve_model_path
+    from guard_train.eval.lab_bench import run_lab
+
+    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    t0 = __import__("time").time()
+    try:
+        res = run_lab(args.size, out, [int(x) for x in split(args.seeds)] or None, split(args.arms) or None,
+                      split(args.methods) or None, resolve_model_path(args.model), args.backend)
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    cmd = "guard-train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+    md = (out / "lab-results.md").read_text()
+    header = (f"# Lab benchmark results\n\nCommand: `{cmd}`. Wall time: {res['wall_s_cells'] / 60:.1f} min summed "
+              f"over the {res['cells_total']} (arm, seed) cells; this invocation {res['wall_s_this_invocation'] / 60:.1f}"
+              f" min ({res['cells_reused']} cells reused from an earlier invocation of the same settings).\n\n")
+    (out / "lab-results.md").write_text(header + md)
+    if args.docs:
+        figs = ROOT_DIR / "docs" / "figures"
+        for f in ("tradeoff.png", "over_training.png"):
+            shutil.copy(out / f, figs / f"lab_{f}")
+        for g in sorted((out / "grids").glob("*.png")):
+            shutil.copy(g, figs / f"lab_grid_{g.name}")
+        text = header + md.replace("`tradeoff.png`", "`docs/figures/lab_tradeoff.png`").replace(
+            "`over_training.png`", "`docs/figures/lab_over_training.png`").replace("`grids/`", "`docs/figures/lab_grid_*`")
+        (ROOT_DIR / "docs" / "lab-results.md").write_text(text)
+    print(md)
+    print(f"wrote {out}/results.json, lab-results.md, tradeoff.png, over_training.png, grids/ "
+          f"({(__import__('time').time() - t0) / 60:.1f} min)")
+    return 0
+
+
+ROOT_DIR = Path(__file__).resolve().parents[1]
+
+
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     p = argparse.ArgumentParser(prog="guard-train", exit_on_error=True)
@@ -133,6 +174,15 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--max-batch", type=int, default=64)
     ev.add_argument("--fail-if", action="append", default=[], metavar="COND", help='e.g. "duplicated.copy_rate>0.05"')
     ev.add_argument("--out", required=True)
+    lb = sub.add_parser("lab", help="the memorization lab benchmark: training and inference arms × seeds, one table")
+    lb.add_argument("--size", choices=["smoke", "full"], default="smoke")
+    lb.add_argument("--out", required=True, help="output dir (cells/ are kept: a rerun continues where it stopped)")
+    lb.add_argument("--seeds", default="", help="comma-separated; default: the size's (full: 0,1,2)")
+    lb.add_argument("--arms", default="", help="training arms, comma-separated (default: all)")
+    lb.add_argument("--methods", default="", help="inference arms, comma-separated (default: all)")
+    lb.add_argument("--model", default="models/tiny-sd")
+    lb.add_argument("--backend", default="sscd")
+    lb.add_argument("--docs", action="store_true", help="also write docs/lab-results.md and docs/figures/lab_*.png")
     stp = sub.add_parser("status", help="what happened to a training run; exit 0 done, 75 preempted (requeue), "
                                         "1 failed or a rank died, 3 running")
     stp.add_argument("run_dir")
@@ -183,6 +233,8 @@ def main(argv: list[str] | None = None) -> int:
             dist.barrier()
             dist.destroy_process_group()
         return rc
+    if args.cmd == "lab":
+        return _lab(args)
     if args.cmd == "status":
         from guard_train.training.status import run_exit_code
 

@@ -14,7 +14,8 @@ from guard_train.training.hooks import Hooks
 from guard_train.training.loop import NonFiniteError, Trainer, train
 
 
-@pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
+@pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, id="SIGTERM"),
+                                 pytest.param(signal.SIGINT, id="SIGINT", marks=pytest.mark.slow)])
 def test_sigterm_saves_checkpoint_exits_75_and_resume_is_exact(tmp_path, tiny_sd_dir, sig):
     common = {"train.max_steps": 40, "train.learning_rate": 5e-4}
     train(load_config(small_lab_args(tmp_path, tiny_sd_dir, **common, **{"run.name": "straight"})))
@@ -114,7 +115,7 @@ def test_sigkill_mid_epoch_then_resume_is_exact(tmp_path, tiny_sd_dir):
     assert all(torch.equal(wa[k], wb[k]) for k in wa)  # EMA weights: bitwise equal
 
 
-@pytest.mark.parametrize("mode", ["before_rename", "before_marker"])
+@pytest.mark.parametrize("mode", [pytest.param("before_rename", marks=pytest.mark.slow), "before_marker"])
 def test_kill_during_checkpoint_save_resumes_from_the_last_complete_one(tmp_path, tiny_sd_dir, mode):
     common = {"train.max_steps": 12, "train.checkpoint_every": 4, "train.learning_rate": 5e-4,
               "train.checkpoints_total_limit": 1}
@@ -296,7 +297,8 @@ class _Payload:
         return (os.system, (f"touch {self.marker}",))
 
 
-@pytest.mark.parametrize("victim", ["rank_state_0.pt", "optimizer.bin", "ema.pt", "random_states_0.pkl"])
+@pytest.mark.parametrize("victim", ["rank_state_0.pt", *[pytest.param(v, marks=pytest.mark.slow) for v in (
+    "optimizer.bin", "ema.pt", "random_states_0.pkl")]])
 def test_a_tampered_checkpoint_is_refused_not_executed(tmp_path, tiny_sd_dir, victim):
     common = {"train.max_steps": 4, "train.checkpoint_every": 2, "train.ema": "true", "run.name": "r"}
     train(load_config(small_lab_args(tmp_path, tiny_sd_dir, **common)))

@@ -166,7 +166,9 @@ class GuidanceEngine:
         return x
 
     def _record(self, eps: dict[str, torch.Tensor], ctx: GenContext) -> None:
-        key = "neg" if "neg" in eps else "cond"
+        key = _own_branch(eps)
+        if key is None:
+            return
         c = eps.get(key)
         if c is not None and "uncond" in eps:
             d = c - eps["uncond"]
@@ -239,7 +241,7 @@ class GuidanceEngine:
             names, maps = ctx.state["last_maps"]
             from guard_train.guidance.strategies.wen import end_token_mask
 
-            k = names.index("neg" if "neg" in names else "cond")
+            k = names.index(_own_branch(names))
             sel = {l: m for l, m in maps.items() if l.startswith("down_blocks.0.")}
             stats["end_mask"] = end_token_mask(sel, slice(k * ctx.rows, (k + 1) * ctx.rows), ctx.lengths,
                                                tuple(x.shape[-2:]))
@@ -272,3 +274,9 @@ def strategy_record(ctx: GenContext, r: int) -> dict:
             v = ctx.state[k]
             out[k] = v[r].item() if torch.is_tensor(v) else v[r] if isinstance(v, list) else v
     return out
+
+
+def _own_branch(names) -> Optional[str]:
+    """The prompt's own conditional branch among a step's branches: "neg" in GUARD (the unedited memorized prompt),
+    "cond" in CFG-like strategies, "pos" where the only conditional branch is an edited one (GUARD attenuation-only)."""
+    return next((k for k in ("neg", "cond", "pos") if k in names), None)

@@ -1,0 +1,404 @@
+"""`guard-train lab`: the memorization lab benchmark — every training and inference arm on the same lab, data,
+steps and seeds, with mean and spread over seeds.
+
+    guard-train lab --size smoke --out runs/lab-smoke          # CI: the whole pipeline in a few minutes
+    guard-train lab --size full --out runs/lab --docs          # the documented table (docs/lab-results.md)
+
+Design (fixed before looking at results; the lab's own seed is never varied or tuned):
+* The lab is the default recipe's (`recipes/tiny_nomit.yaml`: 64 instances, 8 of them planted ×16, 16 held-out
+  captions), built from LabConfig's fixed seed 0. The benchmark's seeds vary the training run (`train.seed`: init of
+  the noise, sampling order) and the generation seeds — never the data.
+* Training arms fine-tune the committed base with one mitigation each (plain = none) for the same steps. Each arm
+  is then measured by generating with plain CFG on the same prompts (duplicated / unique / held-out captions,
+  `lab_reference_and_prompts`, prompt choice fixed).
+* Inference arms run every method on the *plain* arm's model of the same seed.
+* Metrics (backend named in every table): copy rate (top-1 SSCD against every training image > 0.5, and > the
+  lab-calibrated threshold), SSCD top-1 95th percentile and mean, localized similarity (Bright Ending's mask),
+  lab alignment (attribute classifier, not CLIP), diversity, detection AUROC of each detection score (duplicated
+  vs unique captions, from the CFG generation), training cost ÷ plain (wall of setup + loop, minus the
+  memorization callback's own evaluation time), inference cost ÷ CFG (generation wall).
+* Every (arm, seed) cell is written to `cells/` as it finishes; a rerun skips finished cells, so a long run can
+  be continued (another session, or after a crash).
+* A verdict per arm says whether it measurably helped: its duplicated-caption mean moved beyond the spread of
+  both arms (mean ± std over seeds), in either direction, or not.
+"""
+
+from __future__ import annotations
+
+import json
+import platform
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+@dataclass
+class Size:
+    seeds: tuple[int, ...]
+    train_steps: int
+    eval_every: int  # memorization callback (cfg) during training: copy rate over training
+    lab: dict
+    batch_size: int
+    prompts_per_group: int
+    images_per_prompt: int
+    gen_steps: int
+    callback_images: int = 1
+    extra: dict = field(default_factory=dict)
+
+
+SIZES = {
+    # the whole pipeline end to end on a tiny lab; numbers are noise, only the plumbing is checked
+    "smoke": Size(seeds=(0, 1), train_steps=8, eval_every=4,
+                  lab={"num_instances": 16, "dup_fraction": 0.25, "dup_repeats": 4, "held_out": 2},
+                  batch_size=4, prompts_per_group=2, images_per_prompt=2, gen_steps=3,
+                  extra={"mitigation.entropy_filter.warmup_steps": 2, "mitigation.entropy_filter.buckets": 2,
+                         "mitigation.magnitude_filter.warmup_steps": 2, "train.lr_warmup_steps": 0}),
+    # the default recipe's lab and length (README's job), 3 seeds
+    "full": Size(seeds=(0, 1, 2), train_steps=800, eval_every=200, lab={}, batch_size=16, prompts_per_group=8,
+                 images_per_prompt=4, gen_steps=25),
+}
+
+TRAIN_ARMS: dict[str, dict] = {
+    "plain": {},
+    "entropy_filter": {"mitigation.entropy_filter.enabled": "true"},
+    "magnitude_filter": {"mitigation.magnitude_filter.enabled": "true"},
+    "dup_sampling": {"mitigation.dup_sampling.enabled": "true"},
+    "entropy+dup (default)": {"mitigation.entropy_filter.enabled": "true", "mitigation.dup_sampling.enabled": "true"},
+    "captions_rc": {"mitigation.captions.mode": "rc", "mitigation.captions.p": 0.1},
+}
+INFER_ARMS = ("cfg", "guard", "guard_attn", "jain_static", "jain_dynamic", "opposite_static", "opposite_dynamic",
+              "ren", "wen_opt", "be_opt", "gni", "random_token")
+HEADLINE = ("copy_rate", "copy_rate_lab_threshold", "top1_p95", "top1_mean", "localized_similarity_mean",
+            "lab_alignment", "diversity")
+
+
+def _slug(arm: str) -> str:
+    return "".join(c if c.isalnum() else "_" for c in arm).strip("_")
+
+
+def _reset_accelerate() -> None:
+    from accelerate.state import AcceleratorState, GradientState, PartialState
+
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    PartialState._reset_state()
+
+
+def _overrides(size: Size, arm: str, seed: int, out: Path, model: str) -> list[str]:
+    kv = {"recipe": "tiny_nomit", "model.path": model, "run.output_dir": str(out / "runs"),
+          "run.name": f"{_slug(arm)}-s{seed}", "run.overwrite": "true", "run.report_to": "none",
+          "summary.enabled": "false", "train.seed": seed, "train.max_steps": size.train_steps,
+          "train.batch_size": size.batch_size, "train.checkpoint_every": 0,
+          "eval.every_n_steps": size.eval_every, "eval.methods": "[cfg]",
+          "eval.prompts_per_group": size.prompts_per_group, "eval.images_per_prompt": size.callback_images,
+          "eval.steps": size.gen_steps, **{f"data.lab.{k}": v for k, v in size.lab.items()},
+          **size.extra, **TRAIN_ARMS[arm]}
+    return [f"{k}={v}" for k, v in kv.items()]
+
+
+def _measure(engine, method: str, ref, pset, size: Size, seed: int, embedder, aligner) -> tuple[dict, np.ndarray]:
+    from guard_train.eval.evaluate import generate_distributed, score
+
+    images, _, wall, extras = generate_distributed(engine, pset, method, size.images_per_prompt, size.gen_steps,
+                                                   seed, None, detect=True)
+    metrics, _ = score(images, pset, ref, embedder, size.images_per_prompt, 0.5, aligner, extras=extras)
+    metrics["gen_wall_s"] = wall
+    return metrics, images
+
+
+def _save_grid(images, pset, ref, size: Size, path: Path) -> None:
+    """Fixed prompts per arm: the first two duplicated and the first two unique captions of the set."""
+    from PIL import Image
+
+    from guard_train.eval.evaluate import PromptSet, grid
+
+    pick = [i for g in ("duplicated", "unique") for i in [k for k, x in enumerate(pset.groups) if x == g][:2]]
+    n = size.images_per_prompt
+    sub = PromptSet([pset.prompts[i] for i in pick], [pset.groups[i] for i in pick], [pset.owners[i] for i in pick])
+    imgs = np.concatenate([images[i * n:(i + 1) * n] for i in pick])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(grid(imgs, sub, ref, n)).save(path)
+
+
+def run_train_cell(size: Size, arm: str, seed: int, out: Path, model: str, embedder, aligner) -> dict:
+    from guard_train.config.loader import load_config
+    from guard_train.eval.evaluate import lab_reference_and_prompts
+    from guard_train.guidance.engine import GuidanceEngine
+    from guard_train.training.loop import Trainer
+
+    _reset_accelerate()
+    t0 = time.perf_counter()
+    trainer = Trainer(load_config(_overrides(size, arm, seed, out, model)))
+    try:
+        result = trainer.train()
+        train_wall = time.perf_counter() - t0
+        cb = next(c for c in trainer.hooks.callbacks if hasattr(c, "history"))
+        eval_wall = sum(h.get("wall_s", 0.0) for h in cb.history)
+        over_training = [{"step": h["step"], **{k: h["methods"]["cfg"]["groups"][g].get(k) for g in ("duplicated",)
+                                                for k in ("copy_rate", "top1_mean")}} for h in cb.history]
+        ref, pset = lab_reference_and_prompts(trainer.run_dir / "data", size.prompts_per_group, 0)
+        pipe = trainer.pipeline()
+        pipe.unet.eval()
+        metrics, images = _measure(GuidanceEngine(pipe), "cfg", ref, pset, size, seed, embedder, aligner)
+    finally:
+        trainer.close()
+        _reset_accelerate()
+    if seed == size.seeds[0]:
+        _save_grid(images, pset, ref, size, out / "grids" / f"train_{_slug(arm)}.png")
+    return {"kind": "train", "arm": arm, "seed": seed, "metrics": metrics, "over_training": over_training,
+            "train_wall_s": train_wall - eval_wall, "train_steps": size.train_steps,
+            "cell_wall_s": time.perf_counter() - t0,
+            "final": result["final"], "run_dir": result["run_dir"]}
+
+
+def plain_engine(plain: dict):
+    """The plain arm's fine-tuned model (its exported final/), loaded once per seed for every inference arm."""
+    from guard_train.guidance.engine import GuidanceEngine
+    from guard_train.models.loading import load_pipeline
+
+    engine = GuidanceEngine(load_pipeline(plain["final"]))
+    engine.pipe.set_progress_bar_config(disable=True)
+    return engine
+
+
+def run_infer_cell(size: Size, method: str, seed: int, out: Path, plain: dict, embedder, aligner,
+                   engine=None) -> dict:
+    from guard_train.eval.evaluate import lab_reference_and_prompts
+
+    t0 = time.perf_counter()
+    ref, pset = lab_reference_and_prompts(Path(plain["run_dir"]) / "data", size.prompts_per_group, 0)
+    engine = engine or plain_engine(plain)
+    cfg_wall = None
+    if method != "cfg":  # its own CFG reference in the same process, just before: a ratio, not an absolute time
+        cfg_wall = _measure(engine, "cfg", ref, pset, size, seed, embedder, aligner)[0]["gen_wall_s"]
+    metrics, images = _measure(engine, method, ref, pset, size, seed, embedder, aligner)
+    if seed == size.seeds[0]:
+        _save_grid(images, pset, ref, size, out / "grids" / f"infer_{_slug(method)}.png")
+    ratio = 1.0 if cfg_wall is None else metrics["gen_wall_s"] / cfg_wall
+    return {"kind": "infer", "arm": method, "seed": seed, "metrics": metrics, "cost_vs_cfg": ratio,
+            "cell_wall_s": time.perf_counter() - t0}
+
+
+def _cell(out: Path, kind: str, arm: str, seed: int) -> Path:
+    return out / "cells" / f"{kind}__{_slug(arm)}__s{seed}.json"
+
+
+def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: Optional[list[str]] = None,
+            methods: Optional[list[str]] = None, model: str = "models/tiny-sd", backend: str = "sscd",
+            progress=print) -> dict:
+    from guard_train.eval.summary import SCORER_DIR
+    from guard_train.metrics.alignment import LabAligner
+    from guard_train.metrics.embed import get_embedder
+
+    size = SIZES[size_name]
+    if seeds:
+        size = Size(**{**size.__dict__, "seeds": tuple(seeds)})
+    arms = arms or list(TRAIN_ARMS)
+    methods = methods or list(INFER_ARMS)
+    unknown = [a for a in arms if a not in TRAIN_ARMS] + [m for m in methods if m not in INFER_ARMS]
+    if unknown:
+        raise ValueError(f"unknown arm(s) {unknown}; training arms: {list(TRAIN_ARMS)}; inference: {list(INFER_ARMS)}")
+    if "plain" not in arms:
+        arms = ["plain", *arms]  # the reference of every ratio and the inference arms' model
+    embedder = get_embedder(backend)
+    aligner = LabAligner.load(SCORER_DIR) if (SCORER_DIR / "model.safetensors").exists() else None
+    t_start = time.perf_counter()
+    # a cell is reused only if it was made with the same settings (size minus the seed list, model, backend)
+    key = {**{k: v for k, v in _jsonable(size.__dict__).items() if k != "seeds"}, "model": str(model),
+           "backend": embedder.name}
+    cells, reused = [], 0
+
+    def cell(kind: str, arm: str, seed: int, make) -> dict:
+        nonlocal reused
+        path = _cell(out, kind, arm, seed)
+        if path.exists():
+            c = json.loads(path.read_text())
+            if c.get("key") == key:
+                reused += 1
+                return c
+        progress(f"[lab] {'train' if kind == 'train' else 'inference'} arm {arm!r} seed {seed}")
+        c = {**make(), "key": key}
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(c, indent=1))
+        tmp.replace(path)
+        return c
+
+    for seed in size.seeds:  # seed-major: an interrupted run still has complete seeds for every arm
+        for arm in arms:
+            cells.append(cell("train", arm, seed, lambda: run_train_cell(size, arm, seed, out, model, embedder,
+                                                                         aligner)))
+        plain = next(c for c in cells if c["kind"] == "train" and c["arm"] == "plain" and c["seed"] == seed)
+        eng: list = []  # loaded on first use, shared by the seed's inference arms
+        for m in methods:
+            def make(m=m):
+                if not eng:
+                    eng.append(plain_engine(plain))
+                return run_infer_cell(size, m, seed, out, plain, embedder, aligner, eng[0])
+
+            cells.append(cell("infer", m, seed, make))
+    results = aggregate(cells, size_name, size, embedder.name, aligner.name if aligner else None)
+    results["wall_s_this_invocation"] = round(time.perf_counter() - t_start, 1)
+    results["cells_reused"], results["cells_total"] = reused, len(cells)
+    results["wall_s_cells"] = round(sum(c.get("cell_wall_s", 0.0) for c in cells), 1)
+    (out / "results.json").write_text(json.dumps(results, indent=1))
+    plots(results, cells, out)
+    (out / "lab-results.md").write_text(markdown(results, out))
+    return results
+
+
+def _jsonable(d: dict) -> dict:
+    return json.loads(json.dumps(d, default=list))
+
+
+def _stats(values: list[float]) -> dict:
+    v = np.array([x for x in values if x is not None and not (isinstance(x, float) and np.isnan(x))], float)
+    if not len(v):
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    return {"mean": float(v.mean()), "std": float(v.std(ddof=1)) if len(v) > 1 else 0.0, "min": float(v.min()),
+            "max": float(v.max()), "n": int(len(v))}
+
+
+def aggregate(cells: list[dict], size_name: str, size: Size, backend: str, align_backend: Optional[str]) -> dict:
+    plain_wall = {c["seed"]: c["train_wall_s"] for c in cells if c["kind"] == "train" and c["arm"] == "plain"}
+    table: dict = {"train": {}, "infer": {}}
+    for c in cells:
+        row = table[c["kind"]].setdefault(c["arm"], {"per_seed": {}})
+        g = c["metrics"]["groups"]
+        vals = {f"{grp}.{k}": g[grp].get(k) for grp in ("duplicated", "unique", "held_out") if grp in g
+                for k in HEADLINE}
+        for k, v in (c["metrics"].get("detection_auroc_duplicated_vs_unique") or {}).items():
+            vals[f"auroc.{k}"] = v
+        if c["kind"] == "train":
+            vals["cost_vs_plain"] = c["train_wall_s"] / plain_wall[c["seed"]]
+        else:
+            vals["cost_vs_cfg"] = c["cost_vs_cfg"]
+        row["per_seed"][c["seed"]] = vals
+    for kind, rows in table.items():
+        for arm, row in rows.items():
+            keys = sorted({k for v in row["per_seed"].values() for k in v})
+            row["stats"] = {k: _stats([v.get(k) for v in row["per_seed"].values()]) for k in keys}
+        ref = rows.get("plain" if kind == "train" else "cfg")
+        for arm, row in rows.items():
+            row["verdict"] = verdict(row["stats"], ref["stats"]) if ref is not None and row is not ref else "reference"
+    import diffusers
+    import torch
+    import transformers
+
+    dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86_64'}, " \
+        f"{__import__('os').cpu_count()} cores, torch threads {torch.get_num_threads()})"
+    return {"size": size_name, "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in size.__dict__.items()},
+            "backend": backend, "alignment_backend": align_backend, "copy_threshold": 0.5,
+            "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
+                         "transformers": transformers.__version__, "python": platform.python_version()},
+            "machine": dev, "table": table}
+
+
+def verdict(stats: dict, ref: dict) -> str:
+    """Did the arm move the duplicated captions' memorization beyond both arms' seed spread?"""
+    for key in ("duplicated.copy_rate", "duplicated.top1_mean"):
+        a, b = stats.get(key), ref.get(key)
+        if not a or not b or a["mean"] is None or b["mean"] is None:
+            continue
+        if key == "duplicated.copy_rate" and a["mean"] == 0 and b["mean"] == 0:
+            continue  # no copies on either side: decide on the continuous score
+        gap, spread = a["mean"] - b["mean"], (a["std"] or 0) + (b["std"] or 0)
+        name = key.split(".")[1]
+        if gap < -spread:
+            return f"lower {name} (helps)"
+        if gap > spread:
+            return f"higher {name} (worse)"
+        return f"no measurable effect ({name} within seed spread)"
+    return "n/a"
+
+
+def _fmt(s: Optional[dict], pct: bool = False) -> str:
+    if not s or s["mean"] is None:
+        return "—"
+    f = (lambda x: f"{100 * x:.1f}%") if pct else (lambda x: f"{x:.3f}")
+    return f"{f(s['mean'])} ± {f(s['std'])}"
+
+
+def markdown(results: dict, out: Path) -> str:
+    t, b = results["table"], results["backend"]
+    cfg = results["config"]
+    lines = [f"Size `{results['size']}`: seeds {cfg['seeds']}, {cfg['train_steps']} training steps, "
+             f"{cfg['prompts_per_group']} prompts per caption group × {cfg['images_per_prompt']} images, "
+             f"{cfg['gen_steps']} DDIM steps. Copy metric backend: **{b}** (copy = top-1 > 0.5; lab-calibrated "
+             f"threshold column too); alignment: {results['alignment_backend'] or 'none'}. "
+             f"Values: mean ± std over seeds. Machine: {results['machine']}; versions: "
+             + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".", ""]
+    for kind, title, cost in (("train", "Training arms (generation: CFG)", "cost_vs_plain"),
+                              ("infer", "Inference arms (on the plain arm's model)", "cost_vs_cfg")):
+        lines += [f"### {title}", "",
+                  f"| arm | copy rate dup ({b}>0.5) | copy rate unique | copy rate dup (lab thr.) | top-1 p95 dup | "
+                  f"top-1 mean dup | LS dup | alignment dup | diversity dup | {cost.replace('_', ' ')} | verdict |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+        for arm, row in t[kind].items():
+            s = row["stats"]
+            lines.append(" | ".join([
+                f"| {arm}", _fmt(s.get("duplicated.copy_rate"), True), _fmt(s.get("unique.copy_rate"), True),
+                _fmt(s.get("duplicated.copy_rate_lab_threshold"), True), _fmt(s.get("duplicated.top1_p95")),
+                _fmt(s.get("duplicated.top1_mean")), _fmt(s.get("duplicated.localized_similarity_mean")),
+                _fmt(s.get("duplicated.lab_alignment")), _fmt(s.get("duplicated.diversity")), _fmt(s.get(cost)),
+                row["verdict"]]) + " |")
+        lines.append("")
+    auroc_keys = sorted({k for row in t["train"].values() for k in row["stats"] if k.startswith("auroc.")})
+    if auroc_keys:
+        lines += ["### Detection AUROC (duplicated vs unique captions, CFG generation of each trained model)", "",
+                  "| arm | " + " | ".join(k[6:] for k in auroc_keys) + " |", "|---|" + "---|" * len(auroc_keys)]
+        for arm, row in t["train"].items():
+            lines.append(f"| {arm} | " + " | ".join(_fmt(row["stats"].get(k)) for k in auroc_keys) + " |")
+        lines.append("")
+    lines += ["Figures: `tradeoff.png` (copy rate and top-1 vs alignment per arm — the papers' trade-off figure), "
+              "`over_training.png` (duplicated captions' copy rate and top-1 during training), `grids/` (fixed "
+              "prompts per arm, seed " + str(cfg["seeds"][0]) + "; first column = the prompt's training image).", ""]
+    return "\n".join(lines)
+
+
+def plots(results: dict, cells: list[dict], out: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    t, b = results["table"], results["backend"]
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2))
+    for ax, key, label in ((axes[0], "duplicated.copy_rate", f"copy rate, duplicated captions ({b} > 0.5)"),
+                           (axes[1], "duplicated.top1_mean", f"mean top-1 {b} similarity, duplicated captions")):
+        for kind, marker in (("train", "o"), ("infer", "s")):
+            for arm, row in t[kind].items():
+                x, y = row["stats"].get("duplicated.lab_alignment"), row["stats"].get(key)
+                if not x or not y or x["mean"] is None or y["mean"] is None:
+                    continue
+                ax.errorbar(x["mean"], y["mean"], xerr=x["std"], yerr=y["std"], fmt=marker, capsize=2)
+                ax.annotate(arm if kind == "infer" else f"[train] {arm}", (x["mean"], y["mean"]), fontsize=6)
+        ax.set_xlabel("lab alignment, duplicated captions (attribute classifier)")
+        ax.set_ylabel(label)
+    axes[0].set_title("copy rate vs alignment (mean ± std over seeds)", fontsize=9)
+    axes[1].set_title("circles: training arms; squares: inference arms", fontsize=9)
+    fig.tight_layout()
+    fig.savefig(out / "tradeoff.png", dpi=120)
+    plt.close(fig)
+    fig, axes = plt.subplots(1, 2, figsize=(11, 3.8))
+    for arm in t["train"]:
+        series = [c["over_training"] for c in cells if c["kind"] == "train" and c["arm"] == arm]
+        if not series or not series[0]:
+            continue
+        steps = [p["step"] for p in series[0]]
+        for ax, k in ((axes[0], "copy_rate"), (axes[1], "top1_mean")):
+            v = np.array([[p[k] for p in s] for s in series if len(s) == len(steps)], float)
+            ax.errorbar(steps, v.mean(0), yerr=v.std(0), label=arm, capsize=2)
+    axes[0].set_ylabel(f"copy rate, duplicated ({b} > 0.5)")
+    axes[1].set_ylabel(f"mean top-1 {b}, duplicated")
+    for ax in axes:
+        ax.set_xlabel("training step")
+    axes[1].legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(out / "over_training.png", dpi=120)
+    plt.close(fig)
