@@ -164,6 +164,24 @@ def _launch_2proc(args, port):
                             start_new_session=True)
 
 
+def _pid(run, rank):
+    return json.loads((run / "status" / f"rank{rank}.json").read_text())["pid"]
+
+
+def _fault_after_steps(p, run, inject, steps=4, timeout=90) -> float:
+    """Wait for `steps` logged steps, inject the fault, wait for the job to end; seconds from fault to end. The job's
+    process group is killed if it outlives `timeout` (the test then fails on its bound, not by hanging)."""
+    try:
+        _wait_for_steps(run, steps, p)
+        inject()
+        t0 = time.time()
+        p.communicate(timeout=timeout)
+        return time.time() - t0
+    finally:
+        if p.poll() is None:
+            os.killpg(p.pid, signal.SIGKILL)
+
+
 def _status_cli(run):
     return subprocess.run([PY, "-m", "guard_train.cli", "status", str(run)], capture_output=True, text=True, timeout=60)
 
@@ -174,16 +192,8 @@ def test_one_rank_dies_the_other_exits_within_a_bounded_time(tmp_path, tiny_sd_d
                                                      "train.checkpoint_every": 3})
     run = tmp_path / "rf"
     p = _launch_2proc(args, 29671)
-    try:
-        _wait_for_steps(run, 4, p)
-        pid1 = json.loads((run / "status" / "rank1.json").read_text())["pid"]
-        os.kill(pid1, signal.SIGKILL)
-        t0 = time.time()
-        p.communicate(timeout=90)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-    assert p.returncode != 0 and time.time() - t0 < 60
+    elapsed = _fault_after_steps(p, run, lambda: os.kill(_pid(run, 1), signal.SIGKILL))
+    assert p.returncode != 0 and elapsed < 60
     st0 = json.loads((run / "status" / "rank0.json").read_text())
     assert st0["state"] == "failed" and "another rank probably died" in st0["error"]
     s = _status_cli(run)
@@ -203,15 +213,7 @@ def test_two_process_preemption_saves_on_every_rank_then_resumes_exactly(tmp_pat
     args = small_lab_args(tmp_path, tiny_sd_dir, **common, **{"run.name": "pre"})
     run = tmp_path / "pre"
     p = _launch_2proc(args, 29675)
-    try:
-        _wait_for_steps(run, 4, p)
-        os.killpg(p.pid, signal.SIGTERM)
-        t0 = time.time()
-        p.communicate(timeout=90)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-    assert time.time() - t0 < 60
+    assert _fault_after_steps(p, run, lambda: os.killpg(p.pid, signal.SIGTERM)) < 60
     st = [json.loads((run / "status" / f"rank{r}.json").read_text()) for r in (0, 1)]
     assert [s["state"] for s in st] == ["preempted", "preempted"] and st[0]["step"] == st[1]["step"] < 30
     assert ckpt.latest_checkpoint(run).name == f"checkpoint-{st[0]['step']}"
@@ -233,15 +235,8 @@ def test_a_hung_rank_makes_the_other_fail_after_the_collective_timeout(tmp_path,
                                                      "train.checkpoint_every": 3, "run.collective_timeout_s": 10})
     run = tmp_path / "hang"
     p = _launch_2proc(args, 29679)
-    try:
-        _wait_for_steps(run, 4, p)
-        os.kill(json.loads((run / "status" / "rank1.json").read_text())["pid"], signal.SIGSTOP)
-        t0 = time.time()
-        p.communicate(timeout=120)
-    finally:
-        if p.poll() is None:
-            os.killpg(p.pid, signal.SIGKILL)
-    assert p.returncode != 0 and time.time() - t0 < 90
+    elapsed = _fault_after_steps(p, run, lambda: os.kill(_pid(run, 1), signal.SIGSTOP), timeout=120)
+    assert p.returncode != 0 and elapsed < 90
     st0 = json.loads((run / "status" / "rank0.json").read_text())
     assert st0["state"] == "failed" and "Timed out" in st0["error"]
 
