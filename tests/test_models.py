@@ -78,3 +78,31 @@ def test_codec_keeps_copies_detectable():
     e = get_embedder("sscd")
     sims = np.sum(e.embed(rec) * e.embed(imgs), 1)
     assert np.median(sims) >= 0.8
+
+
+def test_lr_tail_matches_hand_computed_values():
+    from guard_train.training.pretrain import PretrainConfig, lr_at
+
+    c = PretrainConfig(lr=1e-3, warmup=10, steps=30, decay_from=10, lr_min_ratio=0.1)
+    assert lr_at(c, 0) == pytest.approx(1e-4)  # warm-up: (0 + 1) / 10
+    assert lr_at(c, 10) == pytest.approx(1e-3)  # tail starts at the full lr
+    assert lr_at(c, 20) == pytest.approx(1e-3 * (0.1 + 0.9 * 0.5))  # half-way: cos(pi/2) = 0
+    assert lr_at(c, 30) == pytest.approx(1e-4)  # ends at lr * lr_min_ratio
+    assert lr_at(PretrainConfig(lr=1e-3, warmup=10, steps=30), 25) == pytest.approx(1e-3)  # no tail by default
+
+
+def test_build_base_exports_a_loadable_pipeline_and_resumes_its_state(tmp_path):
+    from guard_train.models.loading import load_pipeline
+    from guard_train.training.pretrain import PretrainConfig, build_base
+
+    cfg = dict(out=str(tmp_path / "m"), work=str(tmp_path / "w"), batch_size=2, codec_fit_images=64, save_every=2,
+               sample_every=0)
+    build_base(PretrainConfig(steps=2, **cfg))
+    first = json.loads((tmp_path / "m" / "build_info.json").read_text())
+    build_base(PretrainConfig(steps=4, decay_from=2, **cfg))  # continues the saved trainer state
+    info = json.loads((tmp_path / "m" / "build_info.json").read_text())
+    assert first["total_steps"] == 2 and info["total_steps"] == 4
+    assert [s["steps"] for s in info["segments"]] == ["0-2", "2-4"]
+    assert info["wall_s_total"] >= first["wall_s_total"]
+    pipe = load_pipeline(str(tmp_path / "m"))
+    assert pipe.unet.config.cross_attention_dim == 64 and not list((tmp_path / "w").glob("samples_*.png"))

@@ -60,7 +60,7 @@ class PretrainConfig:
     codec_fit_images: int = 2048
     seed: int = 0
     save_every: int = 500
-    sample_every: int = 1000
+    sample_every: int = 1000  # sample grid of EVAL_CAPTIONS every N steps and at the end; 0 = never
     time_budget_min: float = 0.0  # stop (and export) after this many minutes; 0 = no limit
     init_from: str = ""  # continue from an exported model dir (e.g. the committed base)
     decay_from: int = -1  # >= 0: cosine-decay the lr from this step to lr * lr_min_ratio at `steps`
@@ -141,6 +141,10 @@ def build_base(cfg: PretrainConfig) -> Path:
         opt.load_state_dict(st["opt"])
         ema.load_state_dict(st["ema"])
         step = st["step"]
+        if (out / "build_info.json").exists():  # the export written with this state: carry its history forward
+            old = json.loads((out / "build_info.json").read_text())
+            prev = {"wall_s_total": old.get("wall_s_total", 0), "segments": old.get("segments", [])}
+    start_step = step
     prior_steps = int(prev.get("total_steps", 0))
     stream = pretrain_stream(cfg.seed, cfg.resolution, start=step * cfg.batch_size)
     gen = torch.Generator().manual_seed(cfg.seed + step)
@@ -155,6 +159,9 @@ def build_base(cfg: PretrainConfig) -> Path:
             "wall_s_this_run": round(time.time() - t0, 1),
             "wall_s_total": round(float(prev.get("wall_s_total", 0)) + time.time() - t0, 1),
             "final_loss_ema100": float(np.mean(losses[-100:])) if losses else None,
+            "segments": [*prev.get("segments", []), {"steps": f"{prior_steps + start_step}-{prior_steps + step}",
+                                                     "wall_s": round(time.time() - t0, 1),
+                                                     "decay_from": cfg.decay_from, "init_from": cfg.init_from}],
             "torch": torch.__version__,
         }
 
@@ -191,7 +198,7 @@ def build_base(cfg: PretrainConfig) -> Path:
             torch.save({"unet": unet.state_dict(), "te": te.state_dict(), "opt": opt.state_dict(),
                         "ema": ema.state_dict(), "step": step}, str(state_path) + ".tmp")
             os.replace(str(state_path) + ".tmp", state_path)
-        if step % cfg.sample_every == 0 or step == cfg.steps or out_of_time:
+        if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps or out_of_time):
             p = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, local_files_only=True)
             p.set_progress_bar_config(disable=True)
             sample_grid(p, EVAL_CAPTIONS, work / f"samples_{prior_steps + step:06d}.png")
