@@ -151,7 +151,7 @@ def score(images: np.ndarray, pset: PromptSet, ref: Reference, embedder, images_
              "own_copy_rate": float(((top1[s] > threshold) & (nn[s] == owner[s])).mean()),
              "top1_mean": float(top1[s].mean()), "top1_median": float(np.median(top1[s])),
              "top1_p95": float(np.percentile(top1[s], 95)),
-             "diversity": float(np.nanmean(div[np.array(pset.groups) == g] if g != "all" else div))}
+             "diversity": _nanmean(div[np.array(pset.groups) == g] if g != "all" else div)}
         if ref.lab_threshold is not None:
             m["copy_rate_lab_threshold"] = float((top1[s] > ref.lab_threshold).mean())
         if aligner is not None:
@@ -177,6 +177,12 @@ def score(images: np.ndarray, pset: PromptSet, ref: Reference, embedder, images_
                      "copies": int((top1[sl] > threshold).sum()), "lab_alignment": float(np.nanmean(align[sl])),
                      "diversity": float(div[i])})
     return metrics, rows
+
+
+def _nanmean(x: np.ndarray) -> float:
+    """Mean of the finite values; NaN (no warning) when there are none, e.g. diversity with one image per prompt."""
+    x = np.asarray(x, float)
+    return float(x[np.isfinite(x)].mean()) if np.isfinite(x).any() else float("nan")
 
 
 def grid(images: np.ndarray, pset: PromptSet, ref: Reference, n: int, max_rows: int = 12) -> np.ndarray:
