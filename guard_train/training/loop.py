@@ -270,8 +270,7 @@ class Trainer:
                      "world": self.world, "hooks": [cb.state_dict() for cb in self.hooks.callbacks]}
             ckpt.finalize(self.run_dir, self.step, state, self.cfg.train.checkpoints_total_limit)
         acc.wait_for_everyone()
-        write_status(self.run_dir, self.rank, "running", self.step, world=self.world,
-                     checkpoint=str(ckpt.latest_checkpoint(self.run_dir)))
+        self._status("running", checkpoint=str(ckpt.latest_checkpoint(self.run_dir)))
 
     def load_checkpoint(self, path: Path) -> None:
         state = json.loads((path / "training_state.json").read_text())
@@ -447,7 +446,7 @@ class Trainer:
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
             if self.resume_from or cfg.run.resume:  # also resume=latest before any checkpoint: a fresh start
                 _drop_metrics_after(self.run_dir, self.step)
-        write_status(self.run_dir, self.rank, "running", self.step, world=self.world)
+        self._status("running")
         self._status_ready = True
 
     def batches(self):
@@ -520,6 +519,10 @@ class Trainer:
                 f"stopping. The last good checkpoint is kept ({ckpt.latest_checkpoint(self.run_dir)}); lower "
                 f"train.learning_rate or check the data, then resume=latest.")
 
+    def _status(self, state: str, **extra) -> None:
+        """This rank's status file (training/status.py), always with the step and the world size."""
+        write_status(self.run_dir, self.rank, state, self.step, world=self.world, **extra)
+
     def _on_signal(self, signum, frame) -> None:
         self._signal = signum  # acted on at the next step boundary, by every rank together
 
@@ -529,15 +532,14 @@ class Trainer:
         old = {s: signal.signal(s, self._on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
         try:
             result = self._train()
-            write_status(self.run_dir, self.rank, "completed", self.step)
+            self._status("completed")
             return result
         except Preempted:
-            write_status(self.run_dir, self.rank, "preempted", self.step, signal=self._signal,
-                         checkpoint=str(ckpt.latest_checkpoint(self.run_dir)))
+            self._status("preempted", signal=self._signal, checkpoint=str(ckpt.latest_checkpoint(self.run_dir)))
             raise
         except BaseException as e:
             if self._status_ready:
-                write_status(self.run_dir, self.rank, "failed", self.step, error=describe_failure(e))
+                self._status("failed", error=describe_failure(e))
             raise
         finally:
             for s, h in old.items():
