@@ -69,6 +69,7 @@ def train_main(argv: list[str]) -> int:
 def _lab(args) -> int:
     import shlex
     import shutil
+    import time
 
     from guard_train.config.loader import resolve_model_path
     from guard_train.eval.lab_bench import run_lab
@@ -76,7 +77,7 @@ def _lab(args) -> int:
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    t0 = __import__("time").time()
+    t0 = time.time()
     try:
         res = run_lab(args.size, out, [int(x) for x in split(args.seeds)] or None, split(args.arms) or None,
                       split(args.methods) or None, resolve_model_path(args.model), args.backend)
@@ -100,7 +101,7 @@ def _lab(args) -> int:
         (ROOT_DIR / "docs" / "lab-results.md").write_text(text)
     print(md)
     print(f"wrote {out}/results.json, lab-results.md, tradeoff.png, over_training.png, grids/ "
-          f"({(__import__('time').time() - t0) / 60:.1f} min)")
+          f"({(time.time() - t0) / 60:.1f} min)")
     return 0
 
 

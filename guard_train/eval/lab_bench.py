@@ -26,9 +26,10 @@ Design (fixed before looking at results; the lab's own seed is never varied or t
 from __future__ import annotations
 
 import json
+import os
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Optional
 
@@ -197,7 +198,7 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
 
     size = SIZES[size_name]
     if seeds:
-        size = Size(**{**size.__dict__, "seeds": tuple(seeds)})
+        size = replace(size, seeds=tuple(seeds))
     arms = arms or list(TRAIN_ARMS)
     methods = methods or list(INFER_ARMS)
     unknown = [a for a in arms if a not in TRAIN_ARMS] + [m for m in methods if m not in INFER_ARMS]
@@ -291,7 +292,7 @@ def aggregate(cells: list[dict], size_name: str, size: Size, backend: str, align
     import transformers
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86_64'}, " \
-        f"{__import__('os').cpu_count()} cores, torch threads {torch.get_num_threads()})"
+        f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
     return {"size": size_name, "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in size.__dict__.items()},
             "backend": backend, "alignment_backend": align_backend, "copy_threshold": 0.5,
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
