@@ -75,8 +75,7 @@ def _lab(args) -> int:
     from guard_train.eval.lab_bench import run_lab
 
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # created by run_lab once the arguments are valid: bad input writes nothing
     t0 = time.time()
     try:
         res = run_lab(args.size, out, [int(x) for x in split(args.seeds)] or None, split(args.arms) or None,

@@ -204,6 +204,7 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
     unknown = [a for a in arms if a not in TRAIN_ARMS] + [m for m in methods if m not in INFER_ARMS]
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; training arms: {list(TRAIN_ARMS)}; inference: {list(INFER_ARMS)}")
+    out.mkdir(parents=True, exist_ok=True)
     if "plain" not in arms:
         arms = ["plain", *arms]  # the reference of every ratio and the inference arms' model
     embedder = get_embedder(backend)
