@@ -1,10 +1,12 @@
 import json
 
 import numpy as np
+import pytest
 import torch
 
 from conftest import read_metrics, small_lab_args
 from guard_train.config.loader import load_config
+from guard_train.data.loaders import DataError
 from guard_train.training.loop import train
 
 
@@ -19,11 +21,14 @@ def test_short_run_loss_decreases(tmp_path, tiny_sd_dir):
     assert json.loads((run / "bad_items.json").read_text()) == []
 
 
-def test_resume_continues_the_same_loss_sequence_and_weights(tmp_path, tiny_sd_dir):
+@pytest.mark.parametrize("cut", [5, 7])
+def test_resume_continues_the_same_loss_sequence_and_weights(tmp_path, tiny_sd_dir, cut):
     common = {"train.max_steps": 12, "train.checkpoint_every": 5, "train.learning_rate": 5e-4}
     train(load_config(small_lab_args(tmp_path, tiny_sd_dir, **common, **{"run.name": "straight"})))
-    # interrupted at step 5 (the epoch has 7 batches, so the resume is mid-epoch and then crosses an epoch)
-    train(load_config(small_lab_args(tmp_path, tiny_sd_dir, **{**common, "train.max_steps": 5, "run.name": "cut"})))
+    # the epoch has 7 batches: cut at 5 resumes mid-epoch then crosses an epoch; cut at 7 resumes after the epoch's
+    # last batch, so the resumed process reads nothing before its first epoch end (regression: it used to stop there
+    # with "no image in the dataset could be decoded")
+    train(load_config(small_lab_args(tmp_path, tiny_sd_dir, **{**common, "train.max_steps": cut, "run.name": "cut"})))
     train(load_config(small_lab_args(tmp_path, tiny_sd_dir, **common, **{"run.name": "cut", "resume": "latest"})))
     a, b = read_metrics(tmp_path / "straight"), read_metrics(tmp_path / "cut")
     assert [m["step"] for m in b] == list(range(1, 13))
@@ -35,6 +40,20 @@ def test_resume_continues_the_same_loss_sequence_and_weights(tmp_path, tiny_sd_d
     assert all(torch.equal(wa[k], wb[k]) for k in wa)
     ckpts = sorted(p.name for p in (tmp_path / "cut" / "checkpoints").iterdir())
     assert ckpts == ["checkpoint-10", "checkpoint-12"]  # total_limit 2, all complete
+
+
+def test_a_dataset_with_no_decodable_image_stops_with_a_clear_error(tmp_path, tiny_sd_dir):
+    root = tmp_path / "broken" / "train"
+    root.mkdir(parents=True)
+    with open(root / "metadata.jsonl", "w") as meta:
+        for i in range(8):
+            (root / f"{i:05d}.png").write_bytes(b"not a png" * i)  # zero-byte and garbage files
+            meta.write(json.dumps({"file_name": f"{i:05d}.png", "text": f"caption {i}"}) + "\n")
+    cfg = load_config(small_lab_args(tmp_path, tiny_sd_dir, **{
+        "run.name": "bad", "train.max_steps": 4, "data.source": "imagefolder", "data.path": str(tmp_path / "broken"),
+        "data.caption_column": "text"}))
+    with pytest.raises(DataError, match="no image in the dataset could be decoded"):
+        train(cfg)
 
 
 def test_lora_save_and_load_lora_weights_gives_same_images(tmp_path, tiny_sd_dir):

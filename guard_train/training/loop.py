@@ -435,7 +435,8 @@ class Trainer:
         self.gen = torch.Generator().manual_seed(t.seed * 1_000_003 + 7919 * (self.rank + 1))  # per-rank noise
         self.vae_gen = torch.Generator().manual_seed(t.seed * 1_000_003 + 104_729 * (self.rank + 1))
         self.np_rng = np.random.default_rng([t.seed, self.rank, 1])
-        self.step, self.epoch, self.items_done, self.good_seen = 0, 0, 0, 0
+        self.step, self.epoch, self.items_done = 0, 0, 0
+        self.good_seen, self.tried_seen = 0, 0  # items decoded / items read in this process (all-bad check)
         self.latent_cache: dict[int, torch.Tensor] = {}
         if self.resume_from:
             self.load_checkpoint(self.resume_from)
@@ -464,10 +465,14 @@ class Trainer:
                 self.items_done += t.batch_size
                 self.bad += batch["bad"]
                 self.good_seen += len(batch["ids"])
+                self.tried_seen += len(batch["ids"]) + len(batch["bad"])
                 yield batch
             self.epoch += 1
             self.items_done = 0
-            if acc.reduce(torch.tensor([self.good_seen], device=acc.device), "sum").item() == 0:
+            # A run resumed at an epoch's last batch reads nothing before this point: only "read some, decoded none"
+            # means the data is unusable.
+            good, tried = acc.reduce(torch.tensor([self.good_seen, self.tried_seen], device=acc.device), "sum").tolist()
+            if tried > 0 and good == 0:
                 raise loaders.DataError("no image in the dataset could be decoded; see bad_items.json")
             for cb in self.hooks.callbacks:
                 cb.on_epoch_end(self._state())
