@@ -79,7 +79,8 @@ def _lab(args) -> int:
     t0 = time.time()
     try:
         res = run_lab(args.size, out, [int(x) for x in split(args.seeds)] or None, split(args.arms) or None,
-                      split(args.methods) or None, resolve_model_path(args.model), args.backend)
+                      split(args.methods) or None, resolve_model_path(args.model), args.backend,
+                      infer_model=args.infer_model or None)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -182,6 +183,9 @@ def main(argv: list[str] | None = None) -> int:
     lb.add_argument("--methods", default="", help="inference arms, comma-separated (default: all)")
     lb.add_argument("--model", default="models/tiny-sd")
     lb.add_argument("--backend", default="sscd")
+    lb.add_argument("--infer-model", default="", help="inference arms' model: a LoRA dir on --model, or 'plain' (the "
+                                                      "plain arm of each seed); default: the size's (full: "
+                                                      "models/tiny-sd-memorized-lora, smoke: plain)")
     lb.add_argument("--docs", action="store_true", help="also write docs/lab-results.md and docs/figures/lab_*.png")
     stp = sub.add_parser("status", help="what happened to a training run; exit 0 done, 75 preempted (requeue), "
                                         "1 failed or a rank died, 3 running")

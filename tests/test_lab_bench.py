@@ -38,3 +38,26 @@ def test_verdict_compares_means_beyond_the_seed_spread():
     zero = {"duplicated.copy_rate": {"mean": 0.0, "std": 0.0}, "duplicated.top1_mean": {"mean": 0.5, "std": 0.01}}
     ref0 = {"duplicated.copy_rate": {"mean": 0.0, "std": 0.0}, "duplicated.top1_mean": {"mean": 0.6, "std": 0.01}}
     assert verdict(zero, ref0) == "lower top1_mean (helps)"  # no copies anywhere: the continuous score decides
+
+
+def test_inference_arms_on_the_committed_memorizing_lora_use_its_own_lab(tmp_path, tiny_sd_dir):
+    """The full size's inference arms run on a LoRA: its training lab is rebuilt from its lab_config.json and the
+    prompts come from there; cells remember the LoRA's weights fingerprint."""
+    import pytest
+
+    from guard_train.eval.lab_bench import ROOT
+
+    lora = ROOT / "models" / "tiny-sd-memorized-lora"
+    with pytest.raises(ValueError, match="expected a LoRA dir"):
+        run_lab("smoke", tmp_path / "bad", model=str(tiny_sd_dir), infer_model=str(tmp_path), progress=print)
+    assert not (tmp_path / "bad").exists()  # bad input writes nothing
+    out = tmp_path / "lab"
+    res = run_lab("smoke", out, seeds=[0], arms=["plain"], methods=["cfg", "guard"], model=str(tiny_sd_dir),
+                  infer_model=str(lora), progress=lambda *_: None)
+    assert json.loads((out / "infer_lab" / "lab_config.json").read_text()) == \
+        json.loads((lora / "lab_config.json").read_text())
+    cell = json.loads((out / "cells" / "infer__guard__s0.json").read_text())
+    assert cell["key"]["infer_model"] == str(lora) and len(cell["key"]["infer_weights"]) == 16
+    assert [cell["metrics"]["groups"][g]["n_images"] for g in ("duplicated", "unique", "held_out")] == [4, 4, 4]
+    assert set(res["table"]["infer"]) == {"cfg", "guard"} and "on the base, its own training lab" in \
+        (out / "lab-results.md").read_text()

@@ -11,7 +11,11 @@ Design (fixed before looking at results; the lab's own seed is never varied or t
 * Training arms fine-tune the committed base with one mitigation each (plain = none) for the same steps. Each arm
   is then measured by generating with plain CFG on the same prompts (duplicated / unique / held-out captions,
   `lab_reference_and_prompts`, prompt choice fixed).
-* Inference arms run every method on the *plain* arm's model of the same seed.
+* Inference arms run every method on one memorizing model. Default (`infer_model`, full size): the committed
+  memorizing LoRA `models/tiny-sd-memorized-lora` on the base, generating for its own training lab (rebuilt from
+  its `lab_config.json`), because the plain arm's 800-step fine-tune copies nothing (copy rate 0 on every seed),
+  which leaves an inference method nothing to remove. `infer_model="plain"` uses the plain arm's model of the same
+  seed instead (smoke size). The seeds then vary the generation only.
 * Metrics (backend named in every table): copy rate (top-1 SSCD against every training image > 0.5, and > the
   lab-calibrated threshold), SSCD top-1 95th percentile and mean, localized similarity (Bright Ending's mask),
   lab alignment (attribute classifier, not CLIP), diversity, detection AUROC of each detection score (duplicated
@@ -50,6 +54,7 @@ class Size:
     gen_steps: int
     callback_images: int = 1
     extra: dict = field(default_factory=dict)
+    infer_model: str = "plain"  # inference arms' model: "plain" (the plain arm, per seed) or a LoRA dir on the base
 
 
 SIZES = {
@@ -61,7 +66,7 @@ SIZES = {
                          "mitigation.magnitude_filter.warmup_steps": 2, "train.lr_warmup_steps": 0}),
     # the default recipe's lab and length (README's job), 3 seeds
     "full": Size(seeds=(0, 1, 2), train_steps=800, eval_every=200, lab={}, batch_size=16, prompts_per_group=8,
-                 images_per_prompt=4, gen_steps=25),
+                 images_per_prompt=4, gen_steps=25, infer_model="models/tiny-sd-memorized-lora"),
 }
 
 TRAIN_ARMS: dict[str, dict] = {
@@ -157,23 +162,58 @@ def run_train_cell(size: Size, arm: str, seed: int, out: Path, model: str, embed
             "final": result["final"], "run_dir": result["run_dir"]}
 
 
-def plain_engine(plain: dict):
-    """The plain arm's fine-tuned model (its exported final/), loaded once per seed for every inference arm."""
+def infer_engine(model: str, lora: Optional[str] = None):
+    """The inference arms' model (a fine-tuned pipeline dir, or the base plus a LoRA), loaded once per seed."""
     from guard_train.guidance.engine import GuidanceEngine
-    from guard_train.models.loading import load_pipeline
+    from guard_train.models.loading import load_lora, load_pipeline
 
-    engine = GuidanceEngine(load_pipeline(plain["final"]))
-    engine.pipe.set_progress_bar_config(disable=True)
-    return engine
+    pipe = load_pipeline(model)
+    if lora:
+        load_lora(pipe, lora)
+    pipe.set_progress_bar_config(disable=True)
+    return GuidanceEngine(pipe)
 
 
-def run_infer_cell(size: Size, method: str, seed: int, out: Path, plain: dict, embedder, aligner,
-                   engine=None) -> dict:
+def _lora_dir(infer_model: str) -> Optional[Path]:
+    """None for "plain"; else the LoRA dir (relative paths: from the cwd, else from the repo), validated."""
+    if infer_model == "plain":
+        return None
+    p = Path(infer_model)
+    lora = p if p.is_absolute() or p.exists() else ROOT / p
+    if not (lora / "pytorch_lora_weights.safetensors").exists() or not (lora / "lab_config.json").exists():
+        raise ValueError(f"infer_model {infer_model!r}: expected a LoRA dir with pytorch_lora_weights.safetensors and "
+                         f"the lab_config.json of its training lab (as scripts/build_memorized_lora.sh writes), or "
+                         f"'plain' for the plain arm's model of each seed")
+    return lora
+
+
+def infer_source(lora: Optional[Path], out: Path) -> tuple[Optional[Path], str]:
+    """For a LoRA dir: (its training lab written under out/infer_lab, a fingerprint of its weights). The lab is
+    rebuilt from the LoRA's lab_config.json (the lab is deterministic from its config)."""
+    import hashlib
+
+    from guard_train.data.lab import LabConfig, build_lab, write_imagefolder
+
+    if lora is None:
+        return None, "plain"
+    data = out / "infer_lab"
+    if not (data / "manifest.jsonl").exists():
+        tmp = out / "infer_lab.tmp"
+        if tmp.exists():
+            import shutil
+
+            shutil.rmtree(tmp)
+        write_imagefolder(build_lab(LabConfig(**json.loads((lora / "lab_config.json").read_text()))), tmp)
+        tmp.replace(data)
+    return data, hashlib.sha256((lora / "pytorch_lora_weights.safetensors").read_bytes()).hexdigest()[:16]
+
+
+def run_infer_cell(size: Size, method: str, seed: int, out: Path, data_dir: Path, engine, embedder,
+                   aligner) -> dict:
     from guard_train.eval.evaluate import lab_reference_and_prompts
 
     t0 = time.perf_counter()
-    ref, pset = lab_reference_and_prompts(Path(plain["run_dir"]) / "data", size.prompts_per_group, 0)
-    engine = engine or plain_engine(plain)
+    ref, pset = lab_reference_and_prompts(data_dir, size.prompts_per_group, 0)
     cfg_wall = None
     if method != "cfg":  # its own CFG reference in the same process, just before: a ratio, not an absolute time
         cfg_wall = _measure(engine, "cfg", ref, pset, size, seed, embedder, aligner)[0]["gen_wall_s"]
@@ -191,7 +231,7 @@ def _cell(out: Path, kind: str, arm: str, seed: int) -> Path:
 
 def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: Optional[list[str]] = None,
             methods: Optional[list[str]] = None, model: str = "models/tiny-sd", backend: str = "sscd",
-            progress=print) -> dict:
+            progress=print, infer_model: Optional[str] = None) -> dict:
     from guard_train.eval.summary import SCORER_DIR
     from guard_train.metrics.alignment import LabAligner
     from guard_train.metrics.embed import get_embedder
@@ -199,12 +239,16 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
     size = SIZES[size_name]
     if seeds:
         size = replace(size, seeds=tuple(seeds))
+    if infer_model:
+        size = replace(size, infer_model=infer_model)
     arms = arms or list(TRAIN_ARMS)
     methods = methods or list(INFER_ARMS)
     unknown = [a for a in arms if a not in TRAIN_ARMS] + [m for m in methods if m not in INFER_ARMS]
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; training arms: {list(TRAIN_ARMS)}; inference: {list(INFER_ARMS)}")
+    lora = _lora_dir(size.infer_model)  # checked before anything is written
     out.mkdir(parents=True, exist_ok=True)
+    infer_data, infer_fp = infer_source(lora, out)
     if "plain" not in arms:
         arms = ["plain", *arms]  # the reference of every ratio and the inference arms' model
     embedder = get_embedder(backend)
@@ -213,18 +257,20 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
     # a cell is reused only if it was made with the same settings (size minus the seed list, model, backend)
     key = {**{k: v for k, v in _jsonable(size.__dict__).items() if k != "seeds"}, "model": str(model),
            "backend": embedder.name}
+    infer_key = {**key, "infer_weights": infer_fp}  # a rebuilt LoRA invalidates the inference cells
     cells, reused = [], 0
 
     def cell(kind: str, arm: str, seed: int, make) -> dict:
         nonlocal reused
         path = _cell(out, kind, arm, seed)
+        want = key if kind == "train" else infer_key
         if path.exists():
             c = json.loads(path.read_text())
-            if c.get("key") == key:
+            if c.get("key") == want:
                 reused += 1
                 return c
         progress(f"[lab] {'train' if kind == 'train' else 'inference'} arm {arm!r} seed {seed}")
-        c = {**make(), "key": key}
+        c = {**make(), "key": want}
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp = path.with_suffix(".tmp")
         tmp.write_text(json.dumps(c, indent=1))
@@ -238,10 +284,11 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
         plain = next(c for c in cells if c["kind"] == "train" and c["arm"] == "plain" and c["seed"] == seed)
         eng: list = []  # loaded on first use, shared by the seed's inference arms
         for m in methods:
-            def make(m=m):
+            def make(m=m, plain=plain):
                 if not eng:
-                    eng.append(plain_engine(plain))
-                return run_infer_cell(size, m, seed, out, plain, embedder, aligner, eng[0])
+                    eng.append(infer_engine(model, str(lora)) if lora else infer_engine(plain["final"]))
+                data = infer_data if lora else Path(plain["run_dir"]) / "data"
+                return run_infer_cell(size, m, seed, out, data, eng[0], embedder, aligner)
 
             cells.append(cell("infer", m, seed, make))
     results = aggregate(cells, size_name, size, embedder.name, aligner.name if aligner else None)
@@ -335,8 +382,10 @@ def markdown(results: dict, out: Path) -> str:
              f"threshold column too); alignment: {results['alignment_backend'] or 'none'}. "
              f"Values: mean ± std over seeds. Machine: {results['machine']}; versions: "
              + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".", ""]
+    im = cfg.get("infer_model", "plain")
+    on = "the plain arm's model of each seed" if im == "plain" else f"`{im}` on the base, its own training lab"
     for kind, title, cost in (("train", "Training arms (generation: CFG)", "cost_vs_plain"),
-                              ("infer", "Inference arms (on the plain arm's model)", "cost_vs_cfg")):
+                              ("infer", f"Inference arms (on {on})", "cost_vs_cfg")):
         lines += [f"### {title}", "",
                   f"| arm | copy rate dup ({b}>0.5) | copy rate unique | copy rate dup (lab thr.) | top-1 p95 dup | "
                   f"top-1 mean dup | LS dup | alignment dup | diversity dup | {cost.replace('_', ' ')} | verdict |",
