@@ -2,26 +2,38 @@
 # Build models/tiny-sd-memorized-lora: a LoRA of the committed base fine-tuned *plainly* (recipe=tiny_nomit, no
 # mitigations) and longer than the 10-minute job, so that it memorizes the lab's planted duplicates. Inference-time
 # methods, detection and tests use it as "a model that really copies" without retraining.
-# Usage: bash scripts/build_memorized_lora.sh [STEPS]   (default 2500; ~12 min on 2 CPU cores)
+# The LoRA is wide (rank 32 on attention, proj_in/out, feed-forward and resnet convs): attention-only LoRAs of
+# rank 16 memorized the duplicates (probe, nearest neighbour) but never produced an SSCD copy (docs/base-model.md).
+# Usage: bash scripts/build_memorized_lora.sh [STEPS] [resume]   (default 10000 steps; ~55 min on 2 CPU cores)
+#   "resume" continues runs/$NAME from its latest checkpoint (exact: the lr is constant after warm-up), e.g. to
+#   make it longer.
 set -euo pipefail
 cd "$(dirname "$0")/.."
-STEPS=${1:-2500}
-NAME=memorized-lora-build
+STEPS=${1:-10000}
+NAME=${NAME:-memorized-lora-build}
+START=run.overwrite=true
+[ "${2:-}" = resume ] && START=resume=latest
+RANK=32
+TARGETS="[to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2]"
 .venv/bin/accelerate launch --config_file accelerate_configs/cpu_1proc.yaml train.py recipe=tiny_nomit \
-  train.mode=lora train.lora_rank=16 train.lora_alpha=16 train.learning_rate=1e-3 train.max_steps="$STEPS" \
-  train.checkpoint_every=0 run.name="$NAME" run.overwrite=true run.report_to=none summary.max_prompts=8 \
-  summary.images_per_prompt=4 | tee "/tmp/$NAME.log"
+  train.mode=lora train.lora_rank=$RANK train.lora_alpha=$RANK "train.lora_targets=$TARGETS" \
+  train.learning_rate=1e-3 train.max_steps="$STEPS" train.checkpoint_every=1000 run.name="$NAME" "$START" \
+  run.report_to=none summary.max_prompts=8 summary.images_per_prompt=4 | tee "/tmp/$NAME.log"
 OUT=models/tiny-sd-memorized-lora
 rm -rf "$OUT" && mkdir -p "$OUT"
 cp "runs/$NAME/final/pytorch_lora_weights.safetensors" "$OUT/"
 cp "runs/$NAME/data/lab_config.json" "$OUT/"
 cp "runs/$NAME/summary.json" "$OUT/summary.json"
-.venv/bin/python - "$NAME" "$STEPS" <<'PY'
+.venv/bin/python - "$NAME" "$STEPS" "$RANK" "$TARGETS" <<'PY'
 import json, sys, subprocess
-name, steps = sys.argv[1], int(sys.argv[2])
+name, steps, rank, targets = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 m = [json.loads(l) for l in open(f"runs/{name}/metrics.jsonl")]
-info = {"base_model": "models/tiny-sd", "recipe": "tiny_nomit", "mode": "lora", "rank": 16, "learning_rate": 1e-3,
-        "steps": steps, "train_wall_s": m[-1]["wall_s"], "final_loss": m[-1]["loss"],
+wall, prev = 0.0, 0.0  # wall_s restarts at each resumed segment: sum the segments
+for w in (x["wall_s"] for x in m):
+    wall, prev = (wall + prev, w) if w < prev else (wall, w)
+info = {"base_model": "models/tiny-sd", "recipe": "tiny_nomit", "mode": "lora", "rank": rank,
+        "targets": targets.strip("[]").split(","), "learning_rate": 1e-3,
+        "steps": steps, "train_wall_s": round(wall + prev, 1), "final_loss": m[-1]["loss"],
         "command": f"bash scripts/build_memorized_lora.sh {steps}",
         "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
 json.dump(info, open("models/tiny-sd-memorized-lora/build_info.json", "w"), indent=1)

@@ -56,14 +56,23 @@ def test_a_dataset_with_no_decodable_image_stops_with_a_clear_error(tmp_path, ti
         train(cfg)
 
 
-def test_lora_save_and_load_lora_weights_gives_same_images(tmp_path, tiny_sd_dir):
+@pytest.mark.parametrize("targets", ["attention", "wide"])
+def test_lora_save_and_load_lora_weights_gives_same_images(tmp_path, tiny_sd_dir, targets):
+    """The exported LoRA reproduces the trained model through diffusers' own `pipe.load_lora_weights` and through
+    our `load_lora`. "wide" (conv + ff + proj too) is the regression: the export used to mix diffusers' lora.down
+    keys (attention) with PEFT's lora_A keys (the rest), and load_lora_weights then dropped every attention layer."""
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from safetensors.torch import load_file, save_file
+
     from guard_train.metrics.memorization import generate
-    from guard_train.models.loading import load_pipeline
+    from guard_train.models.loading import load_lora, load_pipeline
     from guard_train.training.loop import Trainer
 
+    extra = {"train.lora_targets": "[to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2]"} \
+        if targets == "wide" else {}
     cfg = load_config(small_lab_args(tmp_path, tiny_sd_dir, **{
         "run.name": "lora", "train.mode": "lora", "train.lora_rank": 4, "train.max_steps": 6,
-        "train.learning_rate": 5e-3}))
+        "train.learning_rate": 5e-3, **extra}))
     trainer = Trainer(cfg)
     trainer.train()
     caps = ["a red circle on a cat photo"]
@@ -71,13 +80,24 @@ def test_lora_save_and_load_lora_weights_gives_same_images(tmp_path, tiny_sd_dir
     trainer.close()
     final = tmp_path / "lora" / "final"
     assert (final / "pytorch_lora_weights.safetensors").exists()
-    pipe = load_pipeline(str(tiny_sd_dir))
-    pipe.set_progress_bar_config(disable=True)
-    base = generate(pipe, caps, n=2, steps=4, guidance=5.0, seed=0)
-    pipe.load_lora_weights(str(final))
-    reloaded = generate(pipe, caps, n=2, steps=4, guidance=5.0, seed=0)
-    assert np.abs(reloaded.astype(int) - mem.astype(int)).max() <= 1
+
+    def images(load) -> np.ndarray:
+        pipe = load_pipeline(str(tiny_sd_dir))
+        pipe.set_progress_bar_config(disable=True)
+        load(pipe)
+        return generate(pipe, caps, n=2, steps=4, guidance=5.0, seed=0)
+
+    base = images(lambda p: None)
     assert np.abs(base.astype(int) - mem.astype(int)).max() > 1  # the LoRA changed the model
+    for load in (lambda p: p.load_lora_weights(str(final)), lambda p: load_lora(p, str(final))):
+        assert np.abs(images(load).astype(int) - mem.astype(int)).max() <= 1
+    if targets == "wide":  # a file in the old mixed format (written before the fix) still loads whole via load_lora
+        sd = load_file(final / "pytorch_lora_weights.safetensors")
+        mixed = tmp_path / "mixed"
+        mixed.mkdir()
+        save_file(convert_state_dict_to_diffusers(sd), mixed / "pytorch_lora_weights.safetensors")
+        assert any(".lora.down." in k for k in load_file(mixed / "pytorch_lora_weights.safetensors"))
+        assert np.abs(images(lambda p: load_lora(p, str(mixed))).astype(int) - mem.astype(int)).max() <= 1
 
 
 def test_streaming_run_and_training_options(tmp_path, tiny_sd_dir):

@@ -278,10 +278,10 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
         return c
 
     for seed in size.seeds:  # seed-major: an interrupted run still has complete seeds for every arm
-        for arm in arms:
-            cells.append(cell("train", arm, seed, lambda: run_train_cell(size, arm, seed, out, model, embedder,
+        # plain first (the reference), then the seed's cheap inference arms, then the other training arms
+        cells.append(cell("train", "plain", seed, lambda: run_train_cell(size, "plain", seed, out, model, embedder,
                                                                          aligner)))
-        plain = next(c for c in cells if c["kind"] == "train" and c["arm"] == "plain" and c["seed"] == seed)
+        plain = cells[-1]
         eng: list = []  # loaded on first use, shared by the seed's inference arms
         for m in methods:
             def make(m=m, plain=plain):
@@ -291,6 +291,10 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
                 return run_infer_cell(size, m, seed, out, data, eng[0], embedder, aligner)
 
             cells.append(cell("infer", m, seed, make))
+        eng.clear()
+        for arm in [a for a in arms if a != "plain"]:
+            cells.append(cell("train", arm, seed, lambda: run_train_cell(size, arm, seed, out, model, embedder,
+                                                                         aligner)))
     results = aggregate(cells, size_name, size, embedder.name, aligner.name if aligner else None)
     results["wall_s_this_invocation"] = round(time.perf_counter() - t_start, 1)
     results["cells_reused"], results["cells_total"] = reused, len(cells)

@@ -44,14 +44,27 @@ def load_pipeline(path: str, revision: str | None = None, variant: str | None = 
 
 
 def load_lora(pipe: StableDiffusionPipeline, path: str) -> None:
-    """`pipe.load_lora_weights` from safetensors only (a pickled .bin LoRA could run code when loaded)."""
+    """`pipe.load_lora_weights` from safetensors only (a pickled .bin LoRA could run code when loaded), with every
+    UNet key in one format first: diffusers decides a file's key format from a single key, so a file that mixes
+    diffusers' lora.down/up (attention) with PEFT's lora_A/B (conv, ff) would silently lose layers. Afterwards every
+    LoRA'd module of the file is checked to be present in the UNet."""
+    from diffusers.utils import convert_unet_state_dict_to_peft
+
     try:
-        pipe.load_lora_weights(path, use_safetensors=True)
+        sd, alphas = pipe.lora_state_dict(path, use_safetensors=True)
+        unet = convert_unet_state_dict_to_peft({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
+        rest = {k: v for k, v in sd.items() if not k.startswith("unet.")}
+        pipe.load_lora_weights({**{f"unet.{k}": v for k, v in unet.items()}, **rest, **(alphas or {})})
     except (OSError, ValueError, EnvironmentError) as e:
         raise ModelLoadError(
             f"could not load LoRA weights from {path!r}: {str(e).splitlines()[0]}. Give a directory with "
             f"pytorch_lora_weights.safetensors (diffusers' save_lora_weights format; pickled .bin files are refused)."
         ) from None
+    modules = dict(pipe.unet.named_modules())
+    missing = sorted({k.split(".lora_")[0] for k in unet if not hasattr(modules.get(k.split(".lora_")[0]), "lora_A")})
+    if missing:
+        raise ModelLoadError(f"LoRA {path!r}: {len(missing)} module(s) of the file were not applied to the UNet "
+                             f"(first: {missing[0]}); the file does not match this model's architecture")
 
 
 def load_components(path: str, revision: str | None = None, variant: str | None = None) -> Components:

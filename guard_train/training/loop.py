@@ -221,10 +221,12 @@ class Trainer:
             acc.register_load_state_pre_hook(self._load_lora_hook)
 
     def _lora_state(self) -> dict:
-        from diffusers.utils import convert_state_dict_to_diffusers
+        """PEFT keys (lora_A/lora_B) for every target. Not diffusers' convert_state_dict_to_diffusers: it renames only
+        attention projections (to lora.down/up), and a file mixing both formats loses its attention layers in
+        `pipe.load_lora_weights`, which picks the format from one key."""
         from peft.utils import get_peft_model_state_dict
 
-        return convert_state_dict_to_diffusers(get_peft_model_state_dict(self.acc.unwrap_model(self.unet)))
+        return get_peft_model_state_dict(self.acc.unwrap_model(self.unet))
 
     def _save_lora_hook(self, models, weights, output_dir):  # only LoRA tensors, not the whole UNet
         from diffusers import StableDiffusionPipeline
