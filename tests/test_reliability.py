@@ -337,3 +337,18 @@ def test_sources_never_unpickle_unsafely_or_trust_remote_code():
         assert "trust_remote_code=True" not in text, f
         for call in re.findall(r"torch\.load\([^\n]*", text):
             assert "weights_only=True" in call, (f, call)
+
+
+def test_a_lora_for_another_architecture_is_a_clear_error_not_a_silent_partial_load(tmp_path, tiny_sd_dir):
+    from safetensors.torch import save_file
+
+    from guard_train.models.loading import ModelLoadError, load_lora, load_pipeline
+
+    base = "unet.down_blocks.0.attentions.0.transformer_blocks.0.attn2"
+    good = {f"{base}.to_q.lora_A.weight": torch.zeros(4, 32), f"{base}.to_q.lora_B.weight": torch.zeros(32, 4)}
+    alien = {f"{base}.to_zz.lora_A.weight": torch.zeros(4, 32), f"{base}.to_zz.lora_B.weight": torch.zeros(32, 4)}
+    lora = tmp_path / "lora"
+    lora.mkdir()
+    save_file({**good, **alien}, lora / "pytorch_lora_weights.safetensors")
+    with pytest.raises(ModelLoadError, match="to_zz"):
+        load_lora(load_pipeline(str(tiny_sd_dir)), str(lora))

@@ -53,8 +53,11 @@ def load_lora(pipe: StableDiffusionPipeline, path: str) -> None:
     try:
         sd, alphas = pipe.lora_state_dict(path, use_safetensors=True)
         unet = convert_unet_state_dict_to_peft({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
-        rest = {k: v for k, v in sd.items() if not k.startswith("unet.")}
-        pipe.load_lora_weights({**{f"unet.{k}": v for k, v in unet.items()}, **rest, **(alphas or {})})
+        if alphas:  # kohya-style files carry alphas that only the path-based loader maps: leave those to diffusers
+            pipe.load_lora_weights(path, use_safetensors=True)
+        else:
+            rest = {k: v for k, v in sd.items() if not k.startswith("unet.")}
+            pipe.load_lora_weights({**{f"unet.{k}": v for k, v in unet.items()}, **rest})
     except (OSError, ValueError, EnvironmentError) as e:
         raise ModelLoadError(
             f"could not load LoRA weights from {path!r}: {str(e).splitlines()[0]}. Give a directory with "
