@@ -32,6 +32,7 @@ from __future__ import annotations
 import json
 import os
 import platform
+import shutil
 import time
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -199,10 +200,7 @@ def infer_source(lora: Optional[Path], out: Path) -> tuple[Optional[Path], str]:
     data = out / "infer_lab"
     if not (data / "manifest.jsonl").exists():
         tmp = out / "infer_lab.tmp"
-        if tmp.exists():
-            import shutil
-
-            shutil.rmtree(tmp)
+        shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
         write_imagefolder(build_lab(LabConfig(**json.loads((lora / "lab_config.json").read_text()))), tmp)
         tmp.replace(data)
     return data, hashlib.sha256((lora / "pytorch_lora_weights.safetensors").read_bytes()).hexdigest()[:16]
@@ -277,24 +275,24 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
         tmp.replace(path)
         return c
 
+    engines: dict = {}  # loaded on first use: the LoRA once for every seed, or the current seed's plain model
     for seed in size.seeds:  # seed-major: an interrupted run still has complete seeds for every arm
+        def train(arm: str, seed: int = seed) -> dict:
+            return cell("train", arm, seed, lambda: run_train_cell(size, arm, seed, out, model, embedder, aligner))
+
         # plain first (the reference), then the seed's cheap inference arms, then the other training arms
-        cells.append(cell("train", "plain", seed, lambda: run_train_cell(size, "plain", seed, out, model, embedder,
-                                                                         aligner)))
-        plain = cells[-1]
-        eng: list = []  # loaded on first use, shared by the seed's inference arms
+        plain = train("plain")
+        cells.append(plain)
+        src, data = (str(lora), infer_data) if lora else (plain["final"], Path(plain["run_dir"]) / "data")
         for m in methods:
-            def make(m=m, plain=plain):
-                if not eng:
-                    eng.append(infer_engine(model, str(lora)) if lora else infer_engine(plain["final"]))
-                data = infer_data if lora else Path(plain["run_dir"]) / "data"
-                return run_infer_cell(size, m, seed, out, data, eng[0], embedder, aligner)
+            def make(m=m, src=src, data=data, seed=seed):
+                if src not in engines:
+                    engines.clear()  # a previous seed's plain model is not needed again
+                    engines[src] = infer_engine(model, src) if lora else infer_engine(src)
+                return run_infer_cell(size, m, seed, out, data, engines[src], embedder, aligner)
 
             cells.append(cell("infer", m, seed, make))
-        eng.clear()
-        for arm in [a for a in arms if a != "plain"]:
-            cells.append(cell("train", arm, seed, lambda: run_train_cell(size, arm, seed, out, model, embedder,
-                                                                         aligner)))
+        cells += [train(arm) for arm in arms if arm != "plain"]
     results = aggregate(cells, size_name, size, embedder.name, aligner.name if aligner else None)
     results["wall_s_this_invocation"] = round(time.perf_counter() - t_start, 1)
     results["cells_reused"], results["cells_total"] = reused, len(cells)

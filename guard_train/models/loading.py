@@ -64,7 +64,7 @@ def load_lora(pipe: StableDiffusionPipeline, path: str) -> None:
             f"pytorch_lora_weights.safetensors (diffusers' save_lora_weights format; pickled .bin files are refused)."
         ) from None
     modules = dict(pipe.unet.named_modules())
-    missing = sorted({k.split(".lora_")[0] for k in unet if not hasattr(modules.get(k.split(".lora_")[0]), "lora_A")})
+    missing = sorted(n for n in {k.split(".lora_")[0] for k in unet} if not hasattr(modules.get(n), "lora_A"))
     if missing:
         raise ModelLoadError(f"LoRA {path!r}: {len(missing)} module(s) of the file were not applied to the UNet "
                              f"(first: {missing[0]}); the file does not match this model's architecture")
