@@ -72,15 +72,17 @@ def _lab(args) -> int:
     import time
 
     from guard_train.config.loader import resolve_model_path
-    from guard_train.eval.lab_bench import run_lab
+    from guard_train.eval.lab_bench import replace_headline, run_lab
 
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     out = Path(args.out)  # created by run_lab once the arguments are valid: bad input writes nothing
+    # the documented table's cells are committed beside it, so any checkout can rebuild or continue that run
+    cells = Path(args.cells) if args.cells else (DOCS_CELLS if args.docs else None)
     t0 = time.time()
     try:
         res = run_lab(args.size, out, [int(x) for x in split(args.seeds)] or None, split(args.arms) or None,
                       split(args.methods) or None, resolve_model_path(args.model), args.backend,
-                      infer_model=args.infer_model or None)
+                      infer_model=args.infer_model or None, cells_dir=cells)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -99,13 +101,19 @@ def _lab(args) -> int:
         text = header + md.replace("`tradeoff.png`", "`docs/figures/lab_tradeoff.png`").replace(
             "`over_training.png`", "`docs/figures/lab_over_training.png`").replace("`grids/`", "`docs/figures/lab_grid_*`")
         (ROOT_DIR / "docs" / "lab-results.md").write_text(text)
+        readme = ROOT_DIR / "README.md"
+        try:
+            readme.write_text(replace_headline(readme.read_text(), (out / "headline.md").read_text().rstrip()))
+        except ValueError as e:
+            print(f"warning: README headline table not updated: {e}", file=sys.stderr)
     print(md)
-    print(f"wrote {out}/results.json, lab-results.md, tradeoff.png, over_training.png, grids/ "
+    print(f"wrote {out}/results.json, lab-results.md, headline.md, tradeoff.png, over_training.png, grids/ "
           f"({(time.time() - t0) / 60:.1f} min)")
     return 0
 
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
+DOCS_CELLS = ROOT_DIR / "docs" / "measurements" / "lab_cells"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -186,7 +194,10 @@ def main(argv: list[str] | None = None) -> int:
     lb.add_argument("--infer-model", default="", help="inference arms' model: a LoRA dir on --model, or 'plain' (the "
                                                       "plain arm of each seed); default: the size's (full: "
                                                       "models/tiny-sd-memorized-lora, smoke: plain)")
-    lb.add_argument("--docs", action="store_true", help="also write docs/lab-results.md and docs/figures/lab_*.png")
+    lb.add_argument("--docs", action="store_true", help="also write docs/lab-results.md, docs/figures/lab_*.png and "
+                                                         "README's headline table; cells in docs/measurements/lab_cells")
+    lb.add_argument("--cells", default="", help="where finished (arm, seed) cells are kept and reused (default: "
+                                                "OUT/cells, or docs/measurements/lab_cells with --docs)")
     stp = sub.add_parser("status", help="what happened to a training run; exit 0 done, 75 preempted (requeue), "
                                         "1 failed or a rank died, 3 running")
     stp.add_argument("run_dir")

@@ -2,7 +2,9 @@
 
 import json
 
-from guard_train.eval.lab_bench import INFER_ARMS, TRAIN_ARMS, _slug, run_lab, verdict
+import pytest
+
+from guard_train.eval.lab_bench import INFER_ARMS, ROOT, TRAIN_ARMS, _slug, run_lab, verdict
 
 
 def test_smoke_lab_runs_every_arm_and_reuses_finished_cells(tmp_path, tiny_sd_dir):
@@ -16,37 +18,85 @@ def test_smoke_lab_runs_every_arm_and_reuses_finished_cells(tmp_path, tiny_sd_di
             assert s["duplicated.copy_rate"]["n"] == 2 and 0 <= s["duplicated.copy_rate"]["mean"] <= 1, arm
             assert 0 < s["duplicated.top1_mean"]["mean"] <= 1 and s[cost]["mean"] > 0, arm
             assert s["duplicated.lab_alignment"]["n"] == 2, arm
-    assert t["train"]["plain"]["stats"]["cost_vs_plain"]["mean"] == 1.0 and t["train"]["plain"]["verdict"] == "reference"
+    assert t["train"]["plain"]["stats"]["cost_vs_plain"]["mean"] == 1.0
+    assert set(t["train"]["plain"]["verdict"].values()) == {"reference"}
     assert any(k.startswith("auroc.") for k in t["train"]["plain"]["stats"])
     assert t["infer"]["guard"]["stats"]["duplicated.localized_similarity_mean"]["n"] == 2  # end-token mask recorded
     cells = [json.loads(p.read_text()) for p in (out / "cells").glob("train__*.json")]
     assert len(cells) == 12 and all([p["step"] for p in c["over_training"]] == [4, 8] for c in cells)
     md = (out / "lab-results.md").read_text()
     assert res["backend"] in md and all(f"| {a} |" in md for a in [*TRAIN_ARMS, *INFER_ARMS])
+    head = (out / "headline.md").read_text()
+    assert head.count("| train: ") == len(TRAIN_ARMS) and head.count("| infer: ") == len(INFER_ARMS)
     assert (out / "tradeoff.png").stat().st_size > 0 and (out / "over_training.png").stat().st_size > 0
     grids = {p.name for p in (out / "grids").glob("*.png")}
     assert grids == {f"train_{_slug(a)}.png" for a in TRAIN_ARMS} | {f"infer_{_slug(m)}.png" for m in INFER_ARMS}
     again = run_lab("smoke", out, model=str(tiny_sd_dir), progress=lambda *_: None)  # nothing recomputed
     assert again["cells_reused"] == again["cells_total"] == 36 and (out / "lab-results.md").read_text() == md
+    # cells kept elsewhere (as --docs keeps them in docs/): another output dir reuses them all ...
+    moved = run_lab("smoke", tmp_path / "lab2", model=str(tiny_sd_dir), progress=lambda *_: None,
+                    cells_dir=out / "cells")
+    assert moved["cells_reused"] == 36 and not (tmp_path / "lab2" / "cells").exists()
+    # ... but an inference cell still to make needs the plain arm's model: gone, so that plain cell is remade
+    import shutil
+
+    shutil.rmtree(json.loads((out / "cells" / "train__plain__s0.json").read_text())["final"])
+    (out / "cells" / "infer__guard__s0.json").unlink()
+    made = []
+    remade = run_lab("smoke", tmp_path / "lab3", model=str(tiny_sd_dir), progress=made.append, cells_dir=out / "cells")
+    assert remade["cells_reused"] == 34 and made == ["[lab] train arm 'plain' seed 0", "[lab] inference arm 'guard' seed 0"]
 
 
-def test_verdict_compares_means_beyond_the_seed_spread():
-    ref = {"duplicated.copy_rate": {"mean": 0.5, "std": 0.05}, "duplicated.top1_mean": {"mean": 0.6, "std": 0.02}}
-    assert verdict({"duplicated.copy_rate": {"mean": 0.2, "std": 0.05}}, ref) == "lower copy_rate (helps)"
-    assert verdict({"duplicated.copy_rate": {"mean": 0.45, "std": 0.05}}, ref).startswith("no measurable effect")
-    assert verdict({"duplicated.copy_rate": {"mean": 0.7, "std": 0.0}}, ref) == "higher copy_rate (worse)"
+def test_verdict_judges_copy_rate_top1_and_alignment_each_beyond_the_seed_spread():
+    ref = {"duplicated.copy_rate": {"mean": 0.5, "std": 0.05}, "duplicated.top1_mean": {"mean": 0.6, "std": 0.02},
+           "duplicated.lab_alignment": {"mean": 0.5, "std": 0.05}}
+    arm = {"duplicated.copy_rate": {"mean": 0.2, "std": 0.05}, "duplicated.top1_mean": {"mean": 0.59, "std": 0.02},
+           "duplicated.lab_alignment": {"mean": 0.3, "std": 0.05}}
+    # 0.2 vs 0.5: gap 0.3 > spread 0.1; 0.59 vs 0.6: gap 0.01 < 0.04; alignment 0.3 vs 0.5: gap 0.2 > 0.1
+    assert verdict(arm, ref) == {"copy_rate": "lower (helps)", "top1_mean": "within seed spread",
+                                 "alignment": "lower (costs quality)"}
+    worse = {"duplicated.copy_rate": {"mean": 0.7, "std": 0.0}, "duplicated.lab_alignment": {"mean": 0.61, "std": 0.0}}
+    assert verdict(worse, ref) == {"copy_rate": "higher (worse)", "top1_mean": "n/a", "alignment": "higher (better)"}
+    # exactly at the spread is not beyond it
+    edge = {"duplicated.copy_rate": {"mean": 0.4, "std": 0.05}}
+    assert verdict(edge, ref)["copy_rate"] == "within seed spread"
     zero = {"duplicated.copy_rate": {"mean": 0.0, "std": 0.0}, "duplicated.top1_mean": {"mean": 0.5, "std": 0.01}}
     ref0 = {"duplicated.copy_rate": {"mean": 0.0, "std": 0.0}, "duplicated.top1_mean": {"mean": 0.6, "std": 0.01}}
-    assert verdict(zero, ref0) == "lower top1_mean (helps)"  # no copies anywhere: the continuous score decides
+    assert verdict(zero, ref0)["copy_rate"] == "no copies either side"
+    assert verdict(zero, ref0)["top1_mean"] == "lower (helps)"
+
+
+def test_readme_headline_table_is_replaced_between_its_markers():
+    from guard_train.eval.lab_bench import HEADLINE_END, HEADLINE_START, replace_headline
+
+    text = f"intro\n{HEADLINE_START}\nold | table\n{HEADLINE_END}\noutro\n"
+    assert replace_headline(text, "| new |") == f"intro\n{HEADLINE_START}\n| new |\n{HEADLINE_END}\noutro\n"
+    with pytest.raises(ValueError, match="README needs one"):
+        replace_headline("no markers here", "| new |")
+    with pytest.raises(ValueError, match="README needs one"):
+        replace_headline(f"{HEADLINE_END}\n{HEADLINE_START}", "| new |")
+    readme = (ROOT / "README.md").read_text()  # the real README carries the markers the --docs run writes between
+    assert readme.count(HEADLINE_START) == 1 and readme.count(HEADLINE_END) == 1
+
+
+def test_cells_are_keyed_by_the_weights_not_the_path(tmp_path, tiny_sd_dir):
+    import shutil
+
+    from guard_train.eval.lab_bench import weights_fingerprint
+
+    copy = tmp_path / "elsewhere"
+    shutil.copytree(tiny_sd_dir, copy)
+    assert weights_fingerprint(copy) == weights_fingerprint(tiny_sd_dir) and len(weights_fingerprint(copy)) == 16
+    f = copy / "unet" / "diffusion_pytorch_model.safetensors"
+    b = bytearray(f.read_bytes())
+    b[-1] ^= 1  # one bit of one weight
+    f.write_bytes(bytes(b))
+    assert weights_fingerprint(copy) != weights_fingerprint(tiny_sd_dir)
 
 
 def test_inference_arms_on_the_committed_memorizing_lora_use_its_own_lab(tmp_path, tiny_sd_dir):
     """The full size's inference arms run on a LoRA: its training lab is rebuilt from its lab_config.json and the
     prompts come from there; cells remember the LoRA's weights fingerprint."""
-    import pytest
-
-    from guard_train.eval.lab_bench import ROOT
-
     lora = ROOT / "models" / "tiny-sd-memorized-lora"
     with pytest.raises(ValueError, match="expected a LoRA dir"):
         run_lab("smoke", tmp_path / "bad", model=str(tiny_sd_dir), infer_model=str(tmp_path), progress=print)

@@ -22,9 +22,15 @@ Design (fixed before looking at results; the lab's own seed is never varied or t
   vs unique captions, from the CFG generation), training cost ÷ plain (wall of setup + loop, minus the
   memorization callback's own evaluation time), inference cost ÷ CFG (generation wall).
 * Every (arm, seed) cell is written to `cells/` as it finishes; a rerun skips finished cells, so a long run can
-  be continued (another session, or after a crash).
-* A verdict per arm says whether it measurably helped: its duplicated-caption mean moved beyond the spread of
-  both arms (mean ± std over seeds), in either direction, or not.
+  be continued (another session, or after a crash). A cell is reused only when its key matches: the size's
+  settings, the copy-metric backend and the fingerprint of the base's (and the inference LoRA's) weights. With
+  `--docs` the cells live in `docs/measurements/lab_cells/`, committed with the tables they make.
+* Verdicts per arm, each against the reference arm (plain / CFG) with one rule — the duplicated-caption mean moved
+  beyond the spread of both arms (mean ± std over seeds), in either direction, or not — for three quantities side
+  by side: copy rate (the papers' headline), top-1 similarity mean (continuous, shows a shift when copies are too
+  rare to count) and lab alignment (the quality cost). An earlier single verdict decided on copy rate whenever the
+  reference copied at all; with 1 copy in 64 CFG generations that said "no effect" for every inference arm while
+  top-1 moved far beyond the spread, so all three are reported instead of one chosen.
 """
 
 from __future__ import annotations
@@ -191,8 +197,6 @@ def _lora_dir(infer_model: str) -> Optional[Path]:
 def infer_source(lora: Optional[Path], out: Path) -> tuple[Optional[Path], str]:
     """For a LoRA dir: (its training lab written under out/infer_lab, a fingerprint of its weights). The lab is
     rebuilt from the LoRA's lab_config.json (the lab is deterministic from its config)."""
-    import hashlib
-
     from guard_train.data.lab import LabConfig, build_lab, write_imagefolder
 
     if lora is None:
@@ -203,7 +207,19 @@ def infer_source(lora: Optional[Path], out: Path) -> tuple[Optional[Path], str]:
         shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
         write_imagefolder(build_lab(LabConfig(**json.loads((lora / "lab_config.json").read_text()))), tmp)
         tmp.replace(data)
-    return data, hashlib.sha256((lora / "pytorch_lora_weights.safetensors").read_bytes()).hexdigest()[:16]
+    return data, weights_fingerprint(lora)
+
+
+def weights_fingerprint(model_dir: Path) -> str:
+    """sha256 over a model dir's safetensors files (names and bytes): cells made with other weights are not
+    reused, whatever path the model was given by (so committed cells stay valid in another checkout)."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for f in sorted(Path(model_dir).rglob("*.safetensors")):
+        h.update(f.relative_to(model_dir).as_posix().encode())
+        h.update(f.read_bytes())
+    return h.hexdigest()[:16]
 
 
 def run_infer_cell(size: Size, method: str, seed: int, out: Path, data_dir: Path, engine, embedder,
@@ -223,13 +239,23 @@ def run_infer_cell(size: Size, method: str, seed: int, out: Path, data_dir: Path
             "cell_wall_s": time.perf_counter() - t0}
 
 
-def _cell(out: Path, kind: str, arm: str, seed: int) -> Path:
-    return out / "cells" / f"{kind}__{_slug(arm)}__s{seed}.json"
+def _cell(cells_dir: Path, kind: str, arm: str, seed: int) -> Path:
+    return cells_dir / f"{kind}__{_slug(arm)}__s{seed}.json"
+
+
+def _finished(path: Path, key: dict) -> Optional[dict]:
+    """The cell at `path` if it was made with these settings, else None."""
+    if not path.exists():
+        return None
+    c = json.loads(path.read_text())
+    return c if c.get("key") == key else None
 
 
 def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: Optional[list[str]] = None,
             methods: Optional[list[str]] = None, model: str = "models/tiny-sd", backend: str = "sscd",
-            progress=print, infer_model: Optional[str] = None) -> dict:
+            progress=print, infer_model: Optional[str] = None, cells_dir: Optional[Path] = None) -> dict:
+    """Every cell of the size (reusing finished ones from `cells_dir`, default `out/cells`), then the tables,
+    plots and grids under `out`."""
     from guard_train.eval.summary import SCORER_DIR
     from guard_train.metrics.alignment import LabAligner
     from guard_train.metrics.embed import get_embedder
@@ -245,6 +271,7 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; training arms: {list(TRAIN_ARMS)}; inference: {list(INFER_ARMS)}")
     lora = _lora_dir(size.infer_model)  # checked before anything is written
+    cells_dir = Path(cells_dir) if cells_dir else out / "cells"
     out.mkdir(parents=True, exist_ok=True)
     infer_data, infer_fp = infer_source(lora, out)
     if "plain" not in arms:
@@ -252,21 +279,21 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
     embedder = get_embedder(backend)
     aligner = LabAligner.load(SCORER_DIR) if (SCORER_DIR / "model.safetensors").exists() else None
     t_start = time.perf_counter()
-    # a cell is reused only if it was made with the same settings (size minus the seed list, model, backend)
-    key = {**{k: v for k, v in _jsonable(size.__dict__).items() if k != "seeds"}, "model": str(model),
-           "backend": embedder.name}
+    # a cell is reused only if it was made with the same settings (size minus the seed list, weights, backend)
+    key = {**{k: v for k, v in _jsonable(size.__dict__).items() if k != "seeds"},
+           "model_weights": weights_fingerprint(Path(model)), "backend": embedder.name}
     infer_key = {**key, "infer_weights": infer_fp}  # a rebuilt LoRA invalidates the inference cells
     cells, reused = [], 0
 
-    def cell(kind: str, arm: str, seed: int, make) -> dict:
+    def cell(kind: str, arm: str, seed: int, make, needs_model: bool = False) -> dict:
         nonlocal reused
-        path = _cell(out, kind, arm, seed)
+        path = _cell(cells_dir, kind, arm, seed)
         want = key if kind == "train" else infer_key
-        if path.exists():
-            c = json.loads(path.read_text())
-            if c.get("key") == want:
-                reused += 1
-                return c
+        c = _finished(path, want)
+        # a train cell whose model the inference arms still need is reused only while that model exists
+        if c is not None and (not needs_model or Path(c["final"]).exists()):
+            reused += 1
+            return c
         progress(f"[lab] {'train' if kind == 'train' else 'inference'} arm {arm!r} seed {seed}")
         c = {**make(), "key": want}
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -277,11 +304,13 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
 
     engines: dict = {}  # loaded on first use: the LoRA once for every seed, or the current seed's plain model
     for seed in size.seeds:  # seed-major: an interrupted run still has complete seeds for every arm
-        def train(arm: str, seed: int = seed) -> dict:
-            return cell("train", arm, seed, lambda: run_train_cell(size, arm, seed, out, model, embedder, aligner))
+        def train(arm: str, seed: int = seed, needs_model: bool = False) -> dict:
+            return cell("train", arm, seed, lambda: run_train_cell(size, arm, seed, out, model, embedder, aligner),
+                        needs_model)
 
         # plain first (the reference), then the seed's cheap inference arms, then the other training arms
-        plain = train("plain")
+        infer_todo = any(_finished(_cell(cells_dir, "infer", m, seed), infer_key) is None for m in methods)
+        plain = train("plain", needs_model=lora is None and infer_todo)
         cells.append(plain)
         src, data = (str(lora), infer_data) if lora else (plain["final"], Path(plain["run_dir"]) / "data")
         for m in methods:
@@ -300,6 +329,7 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
     (out / "results.json").write_text(json.dumps(results, indent=1))
     plots(results, cells, out)
     (out / "lab-results.md").write_text(markdown(results, out))
+    (out / "headline.md").write_text(headline(results) + "\n")
     return results
 
 
@@ -336,7 +366,8 @@ def aggregate(cells: list[dict], size_name: str, size: Size, backend: str, align
             row["stats"] = {k: _stats([v.get(k) for v in row["per_seed"].values()]) for k in keys}
         ref = rows.get("plain" if kind == "train" else "cfg")
         for arm, row in rows.items():
-            row["verdict"] = verdict(row["stats"], ref["stats"]) if ref is not None and row is not ref else "reference"
+            row["verdict"] = (verdict(row["stats"], ref["stats"]) if ref is not None and row is not ref
+                              else {name: "reference" for name in VERDICT_KEYS})
     import diffusers
     import torch
     import transformers
@@ -350,22 +381,29 @@ def aggregate(cells: list[dict], size_name: str, size: Size, backend: str, align
             "machine": dev, "table": table}
 
 
-def verdict(stats: dict, ref: dict) -> str:
-    """Did the arm move the duplicated captions' memorization beyond both arms' seed spread?"""
-    for key in ("duplicated.copy_rate", "duplicated.top1_mean"):
-        a, b = stats.get(key), ref.get(key)
-        if not a or not b or a["mean"] is None or b["mean"] is None:
-            continue
-        if key == "duplicated.copy_rate" and a["mean"] == 0 and b["mean"] == 0:
-            continue  # no copies on either side: decide on the continuous score
-        gap, spread = a["mean"] - b["mean"], (a["std"] or 0) + (b["std"] or 0)
-        name = key.split(".")[1]
-        if gap < -spread:
-            return f"lower {name} (helps)"
-        if gap > spread:
-            return f"higher {name} (worse)"
-        return f"no measurable effect ({name} within seed spread)"
-    return "n/a"
+VERDICT_KEYS = {"copy_rate": "duplicated.copy_rate", "top1_mean": "duplicated.top1_mean",
+                "alignment": "duplicated.lab_alignment"}
+
+
+def effect(stats: dict, ref: dict, key: str) -> str:
+    """One quantity of an arm vs the reference: did its mean move beyond both arms' seed spread (mean ± std)?"""
+    a, b = stats.get(key), ref.get(key)
+    if not a or not b or a["mean"] is None or b["mean"] is None:
+        return "n/a"
+    if key.endswith("copy_rate") and a["mean"] == 0 and b["mean"] == 0:
+        return "no copies either side"
+    gap, spread = a["mean"] - b["mean"], (a["std"] or 0) + (b["std"] or 0)
+    good_if_lower = not key.endswith("lab_alignment")
+    if gap < -spread:
+        return "lower (helps)" if good_if_lower else "lower (costs quality)"
+    if gap > spread:
+        return "higher (worse)" if good_if_lower else "higher (better)"
+    return "within seed spread"
+
+
+def verdict(stats: dict, ref: dict) -> dict[str, str]:
+    """Copy rate, top-1 mean and alignment of the duplicated captions, each judged by `effect`."""
+    return {name: effect(stats, ref, key) for name, key in VERDICT_KEYS.items()}
 
 
 def _fmt(s: Optional[dict], pct: bool = False) -> str:
@@ -386,12 +424,15 @@ def markdown(results: dict, out: Path) -> str:
              + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".", ""]
     im = cfg.get("infer_model", "plain")
     on = "the plain arm's model of each seed" if im == "plain" else f"`{im}` on the base, its own training lab"
-    for kind, title, cost in (("train", "Training arms (generation: CFG)", "cost_vs_plain"),
+    train_title = ("Training arms (recipe `tiny_nomit` + the arm's mitigations: full UNet fine-tune — LoRA arms not "
+                   "run on this CPU; generation: CFG)")
+    for kind, title, cost in (("train", train_title, "cost_vs_plain"),
                               ("infer", f"Inference arms (on {on})", "cost_vs_cfg")):
         lines += [f"### {title}", "",
                   f"| arm | copy rate dup ({b}>0.5) | copy rate unique | copy rate dup (lab thr.) | top-1 p95 dup | "
-                  f"top-1 mean dup | LS dup | alignment dup | diversity dup | {cost.replace('_', ' ')} | verdict |",
-                  "|---|---|---|---|---|---|---|---|---|---|---|"]
+                  f"top-1 mean dup | LS dup | alignment dup | diversity dup | {cost.replace('_', ' ')} | "
+                  "verdict: copy rate | verdict: top-1 mean | verdict: alignment |",
+                  "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for arm, row in t[kind].items():
             s = row["stats"]
             lines.append(" | ".join([
@@ -399,7 +440,7 @@ def markdown(results: dict, out: Path) -> str:
                 _fmt(s.get("duplicated.copy_rate_lab_threshold"), True), _fmt(s.get("duplicated.top1_p95")),
                 _fmt(s.get("duplicated.top1_mean")), _fmt(s.get("duplicated.localized_similarity_mean")),
                 _fmt(s.get("duplicated.lab_alignment")), _fmt(s.get("duplicated.diversity")), _fmt(s.get(cost)),
-                row["verdict"]]) + " |")
+                *row["verdict"].values()]) + " |")
         lines.append("")
     auroc_keys = sorted({k for row in t["train"].values() for k in row["stats"] if k.startswith("auroc.")})
     if auroc_keys:
@@ -412,6 +453,33 @@ def markdown(results: dict, out: Path) -> str:
               "`over_training.png` (duplicated captions' copy rate and top-1 during training), `grids/` (fixed "
               "prompts per arm, seed " + str(cfg["seeds"][0]) + "; first column = the prompt's training image).", ""]
     return "\n".join(lines)
+
+
+def headline(results: dict) -> str:
+    """The README's short table: both arm kinds in one, the three verdicts, the costs."""
+    b = results["backend"].split(" ")[0]
+    lines = [f"| arm | copy rate dup ({b} > 0.5) | top-1 mean dup | top-1 mean unique | lab alignment dup | cost | "
+             "copy rate | top-1 | alignment |", "|---|---|---|---|---|---|---|---|---|"]
+    for kind, cost, ref in (("train", "cost_vs_plain", "plain"), ("infer", "cost_vs_cfg", "CFG")):
+        for arm, row in results["table"][kind].items():
+            s = row["stats"]
+            lines.append(" | ".join([
+                f"| {kind}: {arm}", _fmt(s.get("duplicated.copy_rate"), True), _fmt(s.get("duplicated.top1_mean")),
+                _fmt(s.get("unique.top1_mean")), _fmt(s.get("duplicated.lab_alignment")),
+                f"{_fmt(s.get(cost))} × {ref}", *row["verdict"].values()]) + " |")
+    return "\n".join(lines)
+
+
+HEADLINE_START, HEADLINE_END = "<!-- lab-headline: start (written by guard-train lab --docs) -->", \
+    "<!-- lab-headline: end -->"
+
+
+def replace_headline(text: str, table: str) -> str:
+    """Put `table` between the README's headline markers; the text must hold both markers once, in order."""
+    i, j = text.find(HEADLINE_START), text.find(HEADLINE_END)
+    if i < 0 or j < i or text.count(HEADLINE_START) != 1:
+        raise ValueError(f"README needs one '{HEADLINE_START}' line followed by '{HEADLINE_END}'")
+    return text[:i + len(HEADLINE_START)] + "\n" + table + "\n" + text[j:]
 
 
 def plots(results: dict, cells: list[dict], out: Path) -> None:
