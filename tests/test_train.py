@@ -42,6 +42,36 @@ def test_resume_continues_the_same_loss_sequence_and_weights(tmp_path, tiny_sd_d
     assert ckpts == ["checkpoint-10", "checkpoint-12"]  # total_limit 2, all complete
 
 
+def test_a_run_over_partly_broken_data_finishes_and_counts_lists_the_bad_items(tmp_path, tiny_sd_dir):
+    """Issue 7.4 end to end: broken files in a user's imagefolder are skipped, the run ends normally, every bad item
+    is listed with its reason in the run dir and its count is in the logged metrics."""
+    from PIL import Image
+
+    from guard_train.data.lab import LabConfig, build_lab, write_imagefolder
+
+    root = write_imagefolder(build_lab(LabConfig(num_instances=16, held_out=0, dup_fraction=0.25, dup_repeats=4)),
+                             tmp_path / "data")
+    train_dir = root / "train"
+    (train_dir / "00001.png").write_bytes(b"")  # zero-byte
+    (train_dir / "00002.png").write_bytes((train_dir / "00003.png").read_bytes()[:200])  # truncated
+    (train_dir / "00004.png").write_text("not an image")
+    Image.new("CMYK", (64, 64), (10, 200, 30, 0)).save(train_dir / "00005.jpg")
+    meta = [json.loads(l) for l in (train_dir / "metadata.jsonl").read_text().splitlines()]
+    meta[5]["file_name"] = "00005.jpg"  # CMYK decodes (converted), so it is not a bad item
+    (train_dir / "00006.png").unlink()  # missing file
+    with open(train_dir / "metadata.jsonl", "w") as f:
+        f.writelines(json.dumps(m) + "\n" for m in meta)
+    res = train(load_config(small_lab_args(tmp_path, tiny_sd_dir, **{
+        "run.name": "partly", "train.max_steps": 12, "data.source": "imagefolder", "data.path": str(root),
+        "data.caption_column": "text"})))
+    run = tmp_path / "partly"
+    bad = json.loads((run / "bad_items.json").read_text())
+    assert sorted(b["id"] for b in bad) == [1, 2, 4, 6] and all(b["error"] for b in bad)
+    logged = read_metrics(run)
+    assert [m["step"] for m in logged] == list(range(1, 13))  # the run went on to the end
+    assert logged[-1]["bad_items"] == 4 and res["bad_items"] == 4
+
+
 def test_a_dataset_with_no_decodable_image_stops_with_a_clear_error(tmp_path, tiny_sd_dir):
     root = tmp_path / "broken" / "train"
     root.mkdir(parents=True)

@@ -141,6 +141,7 @@ def validate(cfg: Config) -> None:
     except ValueError as e:
         raise ConfigError(str(e)) from None
     _check(m.dup_sampling.alpha >= 0, "mitigation.dup_sampling.alpha must be >= 0")
+    _check(m.dup_sampling.threshold >= 0, "mitigation.dup_sampling.threshold must be >= 0 (0 = the backend's default)")
     _check(m.dup_sampling.group_by in ("image", "caption", "both"),
            "mitigation.dup_sampling.group_by must be image, caption or both")
     _check(not (m.dup_sampling.enabled and m.injection.enabled),
@@ -153,6 +154,8 @@ def validate(cfg: Config) -> None:
     e = cfg.eval
     _check(min(e.every_n_epochs, e.every_n_steps, e.prompts_per_group - 1, e.images_per_prompt - 1, e.steps - 1) >= 0,
            "eval.every_n_* must be >= 0 and eval.prompts_per_group, images_per_prompt, steps >= 1")
+    _check(0.0 < e.copy_threshold < 1.0, f"eval.copy_threshold must be in (0, 1), got {e.copy_threshold}")
+    _check(0.0 <= e.copy_rate_limit <= 1.0, f"eval.copy_rate_limit must be in [0, 1] (0 = off), got {e.copy_rate_limit}")
     from guard_train.guidance.strategies import METHODS
 
     bad = [x for x in e.methods if x not in METHODS]

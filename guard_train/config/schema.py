@@ -85,6 +85,8 @@ class FilterConfig:
             raise ValueError(f"{name}.quantile must be in (0, 1), got {self.quantile}")
         if self.buckets < 1 or self.warmup_steps < 1:
             raise ValueError(f"{name}.buckets and {name}.warmup_steps must be >= 1")
+        if self.threshold < 0:  # both scores (attention entropy, noise-prediction magnitude) are >= 0
+            raise ValueError(f"{name}.threshold must be >= 0 (the filter's score is never negative), got {self.threshold}")
 
 
 @dataclass

@@ -153,7 +153,7 @@ class Trainer:
             project_config=ProjectConfiguration(project_dir=str(self.run_dir), logging_dir=str(self.run_dir / "logs")),
         )
         self.rank, self.world = self.acc.process_index, self.acc.num_processes
-        self.bad: list[tuple[int, str]] = []
+        self.bad: dict[int, str] = {}  # item id -> its first error: an item broken every epoch counts once
         self.metrics: dict[str, float] = {}
         self._signal, self._preempt, self._nonfinite_run = None, False, 0  # micro_step() works after setup() alone
         self._status_ready = False
@@ -304,14 +304,17 @@ class Trainer:
             if st is not None:
                 h.load_state_dict(st)
         self.step, self.epoch = state["step"], state["epoch"]
-        self.bad = [tuple(b) for b in state["bad_items"]] if self.acc.is_main_process else []
+        self.bad = {int(i): e for i, e in state["bad_items"]} if self.acc.is_main_process else {}
         for cb, st in zip(self.hooks.callbacks, state.get("hooks", [])):
             cb.load_state_dict(st)
 
-    def _gather_bad(self) -> list:
-        allbad = gather_object([self.bad]) if self.world > 1 else [self.bad]
-        merged = sorted({tuple(b) for part in allbad for b in part})
-        return [list(b) for b in merged]
+    def _gather_bad(self) -> list[list]:
+        """[id, error] of every bad item seen by any rank, once each (a collective when world > 1)."""
+        merged: dict[int, str] = {}
+        for part in gather_object([self.bad]) if self.world > 1 else [self.bad]:
+            for i, e in part.items():
+                merged.setdefault(i, e)
+        return [[i, merged[i]] for i in sorted(merged)]
 
     # -- one micro-batch -----------------------------------------------------------------------------------------
     def _latents(self, batch: dict) -> torch.Tensor:
@@ -465,7 +468,8 @@ class Trainer:
                                              drop_last=True)
             for batch in self._batches(dl):
                 self.items_done += t.batch_size
-                self.bad += batch["bad"]
+                for i, e in batch["bad"]:
+                    self.bad.setdefault(i, e)
                 self.good_seen += len(batch["ids"])
                 self.tried_seen += len(batch["ids"]) + len(batch["bad"])
                 yield batch
@@ -629,7 +633,7 @@ class Trainer:
         glob = acc.reduce(local, "mean") if self.world > 1 else local
         rec = {k: round(float(v), 6) for k, v in zip(keys, glob.tolist())}
         rec.update(step=self.step, epoch=self.epoch, lr=self.lr_scheduler.get_last_lr()[0],
-                   wall_s=round(time.time() - t0, 1), bad_items=len(self.bad),
+                   wall_s=round(time.time() - t0, 1), bad_items=len(self._gather_bad()),
                    **{k: self.metrics[k] for k in ("skipped_nonfinite", "skipped_all_dropped") if k in self.metrics})
         self.metrics.update({k: rec[k] for k in keys})
         acc.log({f"train/{k}": v for k, v in rec.items() if k != "step"}, step=self.step)
