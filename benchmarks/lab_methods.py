@@ -21,9 +21,8 @@ from PIL import Image
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import emit  # noqa: E402
+from _common import LoraLab, emit  # noqa: E402
 from guard_train.config.loader import resolve_model_path  # noqa: E402
-from guard_train.data.lab import LabConfig, build_lab  # noqa: E402
 from guard_train.guidance.engine import GuidanceEngine  # noqa: E402
 from guard_train.guidance.strategies import METHODS  # noqa: E402
 from guard_train.metrics.alignment import LabAligner  # noqa: E402
@@ -42,15 +41,11 @@ def main() -> int:
     ap.add_argument("--out", default="docs/measurements/lab_methods.json")
     ap.add_argument("--figures", default="docs/figures")
     a = ap.parse_args()
-    lab_cfg = json.loads((Path(a.lora) / "lab_config.json").read_text())
-    lab = build_lab(LabConfig(**lab_cfg))
+    ll = LoraLab(a.lora)
+    lab_cfg, lab = ll.config, ll.lab
     calib = json.loads((ROOT / "docs/measurements/lab_calibration_sscd.json").read_text())
-    origs = lab.originals
-    keys = sorted(origs)
-    train = np.stack([origs[k] for k in keys])
-    inst_caption = {it.instance: it.caption for it in lab.items if it.copy_kind == "original"}
-    dup = sorted({it.instance for it in lab.items if it.is_dup})
-    uniq = [k for k in keys if k not in dup][: len(dup)]
+    origs, keys, train = lab.originals, ll.keys, ll.originals()
+    inst_caption, dup, uniq = ll.caption, ll.dup, ll.uniq
     prompts = [inst_caption[k] for k in dup + uniq]
     owner = np.repeat(np.array(dup + uniq), a.images)
     group = np.repeat(np.array(["duplicated"] * len(dup) + ["unique"] * len(uniq)), a.images)

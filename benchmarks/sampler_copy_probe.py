@@ -13,16 +13,14 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import emit  # noqa: E402
+from _common import LoraLab, emit  # noqa: E402
 from guard_train.config.loader import resolve_model_path  # noqa: E402
-from guard_train.data.lab import LabConfig, build_lab  # noqa: E402
 from guard_train.guidance.engine import GuidanceEngine  # noqa: E402
 from guard_train.metrics.embed import get_embedder  # noqa: E402
 
@@ -36,16 +34,12 @@ def main() -> int:
     ap.add_argument("--scales", default="1,3,7.5")
     ap.add_argument("--out", default="docs/measurements/sampler_copy_probe.json")
     a = ap.parse_args()
-    lab_cfg = json.loads((Path(a.lora) / "lab_config.json").read_text())
-    lab = build_lab(LabConfig(**lab_cfg))
-    keys = sorted(lab.originals)
-    caption = {it.instance: it.caption for it in lab.items if it.copy_kind == "original"}
-    dup = sorted({it.instance for it in lab.items if it.is_dup})
-    uniq = [k for k in keys if k not in dup][: len(dup)]
+    ll = LoraLab(a.lora)
+    keys, caption, dup, uniq = ll.keys, ll.caption, ll.dup, ll.uniq
     owner = np.repeat(np.array(dup + uniq), a.images)
     is_dup = np.repeat(np.array([True] * len(dup) + [False] * len(uniq)), a.images)
     emb = get_embedder("sscd")
-    e_train = emb.embed(np.stack([lab.originals[k] for k in keys]))
+    e_train = emb.embed(ll.originals())
     eng = GuidanceEngine.from_pretrained(resolve_model_path(a.model), lora=a.lora)
     rows = []
     for steps in [int(s) for s in a.steps.split(",")]:
@@ -63,7 +57,7 @@ def main() -> int:
             rows.append(row)
             print(json.dumps(row))
     return emit({"copy_metric": emb.name, "prompts": {"duplicated": len(dup), "unique": len(uniq)},
-                 "images_per_prompt": a.images, "lab_config": lab_cfg, "rows": rows}, a.out)
+                 "images_per_prompt": a.images, "lab_config": ll.config, "rows": rows}, a.out)
 
 
 if __name__ == "__main__":

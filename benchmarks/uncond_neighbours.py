@@ -15,16 +15,14 @@ import argparse
 import json
 import os
 import sys
-from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import numpy as np
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-from _common import emit  # noqa: E402
+from _common import LoraLab, emit  # noqa: E402
 from guard_train.config.loader import resolve_model_path  # noqa: E402
-from guard_train.data.lab import LabConfig, build_lab  # noqa: E402
 from guard_train.guidance.engine import GuidanceEngine  # noqa: E402
 from guard_train.metrics.embed import get_embedder  # noqa: E402
 
@@ -37,16 +35,14 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=25)
     ap.add_argument("--out", default="docs/measurements/uncond_neighbours.json")
     a = ap.parse_args()
-    lab_cfg = json.loads((Path(a.lora) / "lab_config.json").read_text())
-    lab = build_lab(LabConfig(**lab_cfg))
-    keys = sorted(lab.originals)
-    dup = {it.instance for it in lab.items if it.is_dup}
-    n_dup_samples = sum(it.is_dup for it in lab.items)
+    ll = LoraLab(a.lora)
+    keys, dup = ll.keys, set(ll.dup)
+    n_dup_samples = sum(it.is_dup for it in ll.lab.items)
     emb = get_embedder("sscd")
-    e_train = emb.embed(np.stack([lab.originals[k] for k in keys]))
-    out = {"copy_metric": emb.name, "lab_config": lab_cfg, "images": a.images, "steps": a.steps,
+    e_train = emb.embed(ll.originals())
+    out = {"copy_metric": emb.name, "lab_config": ll.config, "images": a.images, "steps": a.steps,
            "dup_share_of_distinct_images": round(len(dup) / len(keys), 3),
-           "dup_share_of_training_samples": round(n_dup_samples / len(lab.items), 3)}
+           "dup_share_of_training_samples": round(n_dup_samples / len(ll.lab.items), 3)}
     models = {"base": None, "lora": a.lora}
     eng = GuidanceEngine.from_pretrained(resolve_model_path(a.model))
     for name, lora in models.items():
