@@ -131,6 +131,8 @@ def main(argv: list[str] | None = None) -> int:
     b.add_argument("--seed", type=int, default=0)
     b.add_argument("--decay-from", type=int, default=-1, help="cosine-decay the lr from this step to --steps")
     b.add_argument("--lr-min-ratio", type=float, default=0.1)
+    b.add_argument("--lr", type=float, default=5e-4)
+    b.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR-γ loss weighting; 0 = off (uniform)")
     sc = sub.add_parser("build-scorer", help="train the lab alignment scorer (attribute classifier)")
     sc.add_argument("--out", default="models/lab-scorer")
     sc.add_argument("--steps", type=int, default=1500)
@@ -216,7 +218,7 @@ def main(argv: list[str] | None = None) -> int:
 
         build_base(PretrainConfig(out=args.out, work=args.work, steps=args.steps, time_budget_min=args.minutes,
                                   init_from=args.init_from, seed=args.seed, decay_from=args.decay_from,
-                                  lr_min_ratio=args.lr_min_ratio))
+                                  lr_min_ratio=args.lr_min_ratio, lr=args.lr, snr_gamma=args.snr_gamma))
         return 0
     if args.cmd == "build-scorer":
         import json

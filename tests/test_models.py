@@ -91,6 +91,21 @@ def test_lr_tail_matches_hand_computed_values():
     assert lr_at(PretrainConfig(lr=1e-3, warmup=10, steps=30), 25) == pytest.approx(1e-3)  # no tail by default
 
 
+def test_min_snr_weights_match_hand_computed_values():
+    from types import SimpleNamespace
+
+    from guard_train.training.losses import snr_weights
+
+    # a scheduler whose alphas_cumprod gives SNR = ab / (1 - ab) of 1, 4 and 100 at timesteps 0, 1, 2
+    ab = torch.tensor([0.5, 0.8, 100 / 101])
+    sched = SimpleNamespace(alphas_cumprod=ab, config=SimpleNamespace(prediction_type="epsilon"))
+    t = torch.tensor([0, 1, 2])
+    assert torch.allclose(snr_weights(sched, t, 5.0), torch.tensor([1.0, 1.0, 5 / 100]))  # min(SNR, 5) / SNR
+    sched.config.prediction_type = "v_prediction"
+    assert torch.allclose(snr_weights(sched, t, 5.0), torch.tensor([1 / 2, 4 / 5, 5 / 101]))  # min(SNR, 5) / (SNR+1)
+    assert torch.equal(snr_weights(sched, t, 0.0), torch.ones(3))  # off
+
+
 def test_build_base_exports_a_loadable_pipeline_and_resumes_its_state(tmp_path):
     from guard_train.models.loading import load_pipeline
     from guard_train.training.pretrain import PretrainConfig, build_base

@@ -34,6 +34,7 @@ from guard_train.models.loading import load_components
 from guard_train.training import checkpoint as ckpt
 from guard_train.training.hooks import Hooks, StepContext, TrainState
 from guard_train.training.sampler import EpochShardSampler
+from guard_train.training.losses import snr_weights
 from guard_train.training.status import describe_failure, write_status
 
 
@@ -370,11 +371,7 @@ class Trainer:
         pred = self.unet(noisy, timesteps, enc).sample
         per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
         if t.snr_gamma:
-            from diffusers.training_utils import compute_snr
-
-            snr = compute_snr(self.noise_scheduler, timesteps)
-            w = torch.clamp(snr, max=t.snr_gamma)
-            per = per * (w / snr if self.noise_scheduler.config.prediction_type == "epsilon" else w / (snr + 1))
+            per = per * snr_weights(self.noise_scheduler, timesteps, t.snr_gamma).to(per)
         ctx = StepContext(acc, self.step, batch["ids"], captions, timesteps, noisy, enc, per, self.unet, pred=pred,
                           encode_text=self.encode_text, run_dir=self.run_dir)
         w = torch.ones_like(per.detach())

@@ -25,12 +25,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from diffusers import StableDiffusionPipeline
-from diffusers.training_utils import EMAModel, compute_snr
+from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from guard_train.data.lab import pretrain_stream
 from guard_train.models.codec import PatchPCACodec
 from guard_train.models.tiny_sd import build_tiny_sd, clip_tokenizer, noise_scheduler
+from guard_train.training.losses import snr_weights
 
 EVAL_CAPTIONS = (
     "a red circle on a cat photo",
@@ -53,7 +54,7 @@ class PretrainConfig:
     lr: float = 5e-4
     warmup: int = 200
     ema_decay: float = 0.999
-    snr_gamma: float = 5.0
+    snr_gamma: float = 5.0  # min-SNR-γ; 0 = off (uniform weights)
     caption_dropout: float = 0.1
     resolution: int = 64
     latent_channels: int = 16
@@ -161,7 +162,8 @@ def build_base(cfg: PretrainConfig) -> Path:
             "final_loss_ema100": float(np.mean(losses[-100:])) if losses else None,
             "segments": [*prev.get("segments", []), {"steps": f"{prior_steps + start_step}-{prior_steps + step}",
                                                      "wall_s": round(time.time() - t0, 1),
-                                                     "decay_from": cfg.decay_from, "init_from": cfg.init_from}],
+                                                     "decay_from": cfg.decay_from, "init_from": cfg.init_from,
+                                                     "lr": cfg.lr, "snr_gamma": cfg.snr_gamma}],
             "torch": torch.__version__,
         }
 
@@ -174,8 +176,7 @@ def build_base(cfg: PretrainConfig) -> Path:
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (z.shape[0],), generator=gen)
         pred = unet(sched.add_noise(z, noise, t), t, te(ids)[0]).sample
-        snr = compute_snr(sched, t)
-        w = torch.clamp(snr, max=cfg.snr_gamma) / snr  # min-SNR-γ weighting (Hang et al. 2023), epsilon target
+        w = snr_weights(sched, t, cfg.snr_gamma)
         loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
