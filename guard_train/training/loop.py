@@ -33,8 +33,8 @@ from guard_train.data.lab import build_lab, write_imagefolder
 from guard_train.models.loading import load_components
 from guard_train.training import checkpoint as ckpt
 from guard_train.training.hooks import Hooks, StepContext, TrainState
-from guard_train.training.sampler import EpochShardSampler
 from guard_train.training.losses import snr_weights
+from guard_train.training.sampler import EpochShardSampler
 from guard_train.training.status import describe_failure, write_status
 
 
