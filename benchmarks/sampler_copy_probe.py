@@ -32,6 +32,8 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--steps", default="25,50,100")
     ap.add_argument("--scales", default="1,3,7.5")
+    ap.add_argument("--spacing", default="", help="DDIM timestep_spacing (leading = the model's config, trailing "
+                    "= first step at t = 999, Lin et al. 2024 §3.3); default: the model's")
     ap.add_argument("--out", default="docs/measurements/sampler_copy_probe.json")
     a = ap.parse_args()
     ll = LoraLab(a.lora)
@@ -41,6 +43,10 @@ def main() -> int:
     emb = get_embedder("sscd")
     e_train = emb.embed(ll.originals())
     eng = GuidanceEngine.from_pretrained(resolve_model_path(a.model), lora=a.lora)
+    if a.spacing:
+        from diffusers import DDIMScheduler
+
+        eng.scheduler = DDIMScheduler.from_config(eng.scheduler.config, timestep_spacing=a.spacing)
     rows = []
     for steps in [int(s) for s in a.steps.split(",")]:
         for scale in [float(s) for s in a.scales.split(",")]:
@@ -48,10 +54,13 @@ def main() -> int:
                                num_images=a.images, steps=steps, seed=0)
             sims = emb.embed(res.images) @ e_train.T
             top1, nn = sims.max(1), np.array(keys)[sims.argmax(1)]
-            row = {"ddim_steps": steps, "guidance_scale": scale}
+            row = {"ddim_steps": steps, "guidance_scale": scale, "timestep_spacing": eng.scheduler.config.timestep_spacing,
+                   "first_timestep": int(eng.scheduler.timesteps[0])}
             for name, s in (("duplicated", is_dup), ("unique", ~is_dup)):
                 row[name] = {"copy_rate_0.5": round(float((top1[s] > 0.5).mean()), 3),
                              "own_copy_rate_0.5": round(float(((top1[s] > 0.5) & (nn[s] == owner[s])).mean()), 3),
+                             # a copy of one of the planted duplicates (for unique captions: regurgitating another image)
+                             "copy_of_duplicate_rate_0.5": round(float(((top1[s] > 0.5) & np.isin(nn[s], dup)).mean()), 3),
                              "top1_median": round(float(np.median(top1[s])), 3),
                              "top1_max": round(float(top1[s].max()), 3)}
             rows.append(row)

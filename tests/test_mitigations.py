@@ -91,16 +91,24 @@ def test_entropy_filter_scores_the_training_forward(tiny_sd_dir):
     assert sum(type(p).__name__ == "GuardAttnProcessor" for p in procs.values()) == 1  # only that layer pays
 
 
-def test_magnitude_filter_matches_hand_computation(tiny_sd_dir):
+def _filter_inputs(tiny_sd_dir, t: torch.Tensor):
+    """A step's inputs for the magnitude filter: UNet, text encoder fn, x_t, conditional embedding and prediction."""
     from guard_train.models.loading import load_components
 
     c = load_components(str(tiny_sd_dir))
     enc_fn = lambda caps: c.text_encoder(c.tokenizer(caps, padding="max_length", max_length=77,
                                                      return_tensors="pt").input_ids)[0]
-    x, t = torch.randn(2, 16, 16, 16), torch.tensor([50, 500])
+    x = torch.randn(2, 16, 16, 16)
     with torch.no_grad():
         enc = enc_fn(["a red circle", "a blue square"])
         pred = c.unet(x, t, enc).sample
+    return c, enc_fn, x, enc, pred
+
+
+def test_magnitude_filter_matches_hand_computation(tiny_sd_dir):
+    t = torch.tensor([50, 500])
+    c, enc_fn, x, enc, pred = _filter_inputs(tiny_sd_dir, t)
+    with torch.no_grad():
         eps_u = c.unet(x, t, enc_fn(["", ""])).sample
     want = (pred - eps_u).flatten(1).norm(dim=1)
     ctx = StepContext(_Acc(), 0, torch.tensor([0, 1]), ["a", "b"], t, x, enc, torch.zeros(2), c.unet, pred=pred,
@@ -108,6 +116,23 @@ def test_magnitude_filter_matches_hand_computation(tiny_sd_dir):
     f = MagnitudeFilter(MagnitudeFilterConfig(enabled=True, mode="fixed", threshold=float(want.mean())))
     assert torch.allclose(f.score(ctx), want, atol=1e-5)
     assert f(ctx).tolist() == (want < want.mean()).float().tolist()
+
+
+def test_magnitude_filter_scores_in_epsilon_units_on_a_v_model(tiny_sd_dir):
+    """Same UNet outputs read as v: the score is ‖a_t·(v_c − v_u)‖ (ε units), per sample's own timestep."""
+    from diffusers import DDIMScheduler
+
+    from guard_train.models.tiny_sd import SD_SCHEDULER
+
+    t = torch.tensor([50, 900])
+    c, enc_fn, x, enc, pred = _filter_inputs(tiny_sd_dir, t)
+    sched = lambda kind: DDIMScheduler(**{**SD_SCHEDULER, "prediction_type": kind})
+    f = MagnitudeFilter(MagnitudeFilterConfig(enabled=True, mode="fixed", threshold=1.0))
+    ctx = lambda s: StepContext(_Acc(), 0, torch.tensor([0, 1]), ["a", "b"], t, x, enc, torch.zeros(2), c.unet,
+                                pred=pred, encode_text=enc_fn, scheduler=s)
+    eps_score, v_score = f.score(ctx(sched("epsilon"))), f.score(ctx(sched("v_prediction")))
+    assert torch.allclose(f.score(ctx(None)), eps_score)  # no scheduler = an ε-model, as before
+    assert torch.allclose(v_score, eps_score * sched("v_prediction").alphas_cumprod[t].sqrt(), rtol=1e-4)
 
 
 def test_duplicate_aware_weights_and_sampler():

@@ -106,6 +106,20 @@ def test_min_snr_weights_match_hand_computed_values():
     assert torch.equal(snr_weights(sched, t, 0.0), torch.ones(3))  # off
 
 
+def test_v_equivalent_weights_match_hand_computed_values():
+    from types import SimpleNamespace
+
+    from guard_train.training.losses import v_weights
+
+    # SNR = ᾱ / (1 − ᾱ) = 1, 4 and 1/99 → 1 + 1/SNR = 2, 1.25 and 100, the last one capped at 50
+    sched = SimpleNamespace(alphas_cumprod=torch.tensor([0.5, 0.8, 0.01]),
+                            config=SimpleNamespace(prediction_type="epsilon"))
+    assert torch.allclose(v_weights(sched, torch.tensor([0, 1, 2]), 50.0), torch.tensor([2.0, 1.25, 50.0]))
+    sched.config.prediction_type = "v_prediction"
+    with pytest.raises(ValueError, match="already has this weight"):
+        v_weights(sched, torch.tensor([0]), 50.0)
+
+
 def test_build_base_exports_a_loadable_pipeline_and_resumes_its_state(tmp_path):
     from guard_train.models.loading import load_pipeline
     from guard_train.training.pretrain import PretrainConfig, build_base

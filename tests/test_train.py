@@ -192,3 +192,71 @@ def test_default_recipe_runs_with_its_mitigations(tmp_path, tiny_sd_dir):
     pr = pairwise_precision_recall([r["cluster"] for r in rows], [truth[r["id"]] for r in rows])
     assert pr["pair_precision"] == 1.0 and pr["pair_recall"] >= 0.8  # SSCD found the planted groups
     assert w.tolist() == [1.0 / r["cluster_size"] for r in rows]  # lab ids = dataset indices
+
+
+def test_timestep_bias_weights_and_the_loop_draws_from_them(tmp_path, tiny_sd_dir):
+    from guard_train.training.hooks import Hooks
+    from guard_train.training.losses import timestep_weights
+    from guard_train.training.loop import Trainer
+
+    w = timestep_weights("later", 8, multiplier=3.0, portion=0.25)  # top 2 of 8 timesteps ×3: 6·1 + 2·3 = 12
+    assert torch.allclose(w, torch.tensor([1, 1, 1, 1, 1, 1, 3, 3]) / 12)
+    assert torch.allclose(timestep_weights("earlier", 4, 2.0, 0.5), torch.tensor([2, 2, 1, 1]) / 6)
+    assert torch.allclose(timestep_weights("range", 5, 4.0, begin=1, end=3), torch.tensor([1, 4, 4, 1, 1]) / 11)
+    assert torch.allclose(timestep_weights("none", 4, 9.0), torch.full((4,), 0.25))
+
+    seen = []
+    record = lambda ctx: seen.append(ctx.timesteps.clone()) or torch.ones_like(ctx.per_sample_loss)
+    t = Trainer(load_config(small_lab_args(tmp_path, tiny_sd_dir, **{
+        "run.name": "bias", "train.max_steps": 3, "train.timestep_bias_strategy": "range",
+        "train.timestep_bias_begin": 990, "train.timestep_bias_end": 1000, "train.timestep_bias_multiplier": 1e7})),
+        Hooks(loss_weighting=[record]))
+    t.train()
+    t.close()
+    ts = torch.cat(seen)
+    assert len(ts) == 12 and bool((ts >= 990).all())  # P(t < 990) = 990 / (990 + 1e8) per draw
+
+
+def test_init_lora_starts_from_the_given_weights(tmp_path, tiny_sd_dir):
+    from safetensors.torch import load_file
+
+    from guard_train.config.loader import ConfigError
+    from guard_train.training.loop import Trainer
+
+    common = {"train.mode": "lora", "train.lora_rank": 4, "train.learning_rate": 5e-3}
+    train(load_config(small_lab_args(tmp_path, tiny_sd_dir, **common, **{"run.name": "a", "train.max_steps": 3})))
+    final = tmp_path / "a" / "final"
+    want = {k.removeprefix("unet."): v for k, v in load_file(final / "pytorch_lora_weights.safetensors").items()}
+    t = Trainer(load_config(small_lab_args(tmp_path, tiny_sd_dir, **common, **{
+        "run.name": "b", "train.max_steps": 1, "train.init_lora": str(final)})))
+    t.setup()
+    got = t._lora_state()
+    t.close()
+    assert len(got) == len(want) > 0
+    assert all(torch.equal(got[k].float(), want[k].float()) for k in want)  # not the fresh gaussian init
+    with pytest.raises(ConfigError, match="set train.lora_rank / lora_targets"):
+        Trainer(load_config(small_lab_args(tmp_path, tiny_sd_dir, **{**common, "train.lora_rank": 8,
+                                                                     "run.name": "c", "train.init_lora": str(final)}))).setup()
+
+
+def test_v_weight_cap_reweights_each_samples_loss(tmp_path, tiny_sd_dir):
+    """Same seed, same first batch: the reweighted run's per-sample losses are the plain ones × min(1 + 1/SNR, cap)."""
+    from guard_train.training.hooks import Hooks
+    from guard_train.training.losses import v_weights
+    from guard_train.training.loop import Trainer
+
+    runs = {}
+    for name, extra in (("plain", {}), ("v", {"train.v_weight_cap": 30.0})):
+        seen = []
+        record = lambda ctx: seen.append((ctx.timesteps.clone(), ctx.per_sample_loss.detach().clone())) \
+            or torch.ones_like(ctx.per_sample_loss)
+        t = Trainer(load_config(small_lab_args(tmp_path, tiny_sd_dir, **{"run.name": name, "train.max_steps": 1,
+                                                                         **extra})), Hooks(loss_weighting=[record]))
+        t.train()
+        runs[name] = (seen[0], t.noise_scheduler)
+        t.close()
+    (t0, plain), sched = runs["plain"]
+    (t1, weighted), _ = runs["v"]
+    assert torch.equal(t0, t1)
+    w = v_weights(sched, t0, 30.0)
+    assert torch.allclose(weighted, plain * w, rtol=1e-5) and float(w.max()) > 1.5  # not all-ones

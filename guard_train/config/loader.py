@@ -116,7 +116,19 @@ def validate(cfg: Config) -> None:
     _check(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16")
     _check(0.0 < t.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {t.ema_decay}")
     _check(t.noise_offset >= 0 and t.snr_gamma >= 0, "train.noise_offset and train.snr_gamma must be >= 0")
+    _check(t.v_weight_cap == 0 or t.v_weight_cap >= 1, f"train.v_weight_cap must be 0 (off) or >= 1, got {t.v_weight_cap}")
+    _check(not (t.v_weight_cap and t.snr_gamma), "set train.v_weight_cap or train.snr_gamma, not both")
     _check(t.max_grad_norm > 0, "train.max_grad_norm must be > 0")
+    _check(t.timestep_bias_strategy in ("none", "later", "earlier", "range"),
+           f"train.timestep_bias_strategy must be none, later, earlier or range, got {t.timestep_bias_strategy!r}")
+    _check(t.timestep_bias_multiplier > 0, f"train.timestep_bias_multiplier must be > 0, got {t.timestep_bias_multiplier}")
+    _check(0.0 < t.timestep_bias_portion <= 1.0, f"train.timestep_bias_portion must be in (0, 1], got {t.timestep_bias_portion}")
+    _check(0 <= t.timestep_bias_begin < t.timestep_bias_end,
+           f"train.timestep_bias_begin must be >= 0 and < train.timestep_bias_end, got {t.timestep_bias_begin}, {t.timestep_bias_end}")
+    _check(not t.init_lora or t.mode == "lora", "train.init_lora needs train.mode=lora")
+    if t.init_lora:
+        _check(Path(t.init_lora).exists(), f"train.init_lora: {t.init_lora} does not exist (a LoRA dir with "
+               "pytorch_lora_weights.safetensors, or the .safetensors file)")
     _check(cfg.run.collective_timeout_s >= 10, "run.collective_timeout_s must be >= 10 (seconds)")
     _check(t.checkpoint_every >= 0 and t.checkpoints_total_limit >= 1,
            "train.checkpoint_every must be >= 0 and train.checkpoints_total_limit >= 1")

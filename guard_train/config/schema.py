@@ -62,6 +62,17 @@ class TrainConfig:
     ema_decay: float = 0.9999
     noise_offset: float = 0.0
     snr_gamma: float = 0.0  # 0 = off; 5.0 is the usual min-SNR value
+    # > 0: weight an ε-model's loss by min(1 + 1/SNR, cap) — what a v-prediction loss weighs it by
+    # (‖Δv‖² = ‖Δε‖²·(1 + 1/SNR)): the x̂₀ error of the high-noise steps, which set the layout, counts ~1, not SNR.
+    v_weight_cap: float = 0.0
+    # Timestep bias (the knob of diffusers' SDXL text-to-image script): sample training timesteps with weight
+    # `multiplier` on a part of the range — later = the top `portion`, earlier = the bottom, range = [begin, end).
+    timestep_bias_strategy: str = "none"  # none | later | earlier | range
+    timestep_bias_multiplier: float = 1.0
+    timestep_bias_portion: float = 0.25
+    timestep_bias_begin: int = 0
+    timestep_bias_end: int = 1000
+    init_lora: str = ""  # LoRA weights (dir or .safetensors) to start from instead of a fresh adapter (mode=lora)
     cache_latents: bool = False
     seed: int = 0
     checkpoint_every: int = 0  # optimizer steps; 0 = only at the end

@@ -6,7 +6,8 @@ its branches; the engine stacks every branch's rows (all prompts × images) into
 allows, routes per-row attention edits through the shared cross-attention processor, hands the predictions to
 `strategy.combine`, and steps the scheduler. Per-prompt seeds (seed + prompt index) as in the papers. With method
 `cfg` it reproduces `StableDiffusionPipeline.__call__` for the same seed and settings (tests/test_engine.py).
-Recorded per step and row: ‖ε_c − ε_u‖ (Wen's magnitude; for GUARD the unmodified prompt's branch).
+Recorded per step and row: ‖ε_c − ε_u‖ (Wen's magnitude, in ε units whatever the model predicts; for GUARD the
+unmodified prompt's branch).
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from tqdm.auto import tqdm
 
 from guard_train.attention.processor import CrossAttnState, SpikeEdit, cross_attention_layers, install
 from guard_train.guidance.base import Branch, Strategy
+from guard_train.models.prediction import epsilon_difference
 
 
 @dataclass
@@ -157,7 +159,7 @@ class GuidanceEngine:
         x = (ctx.latents0 if latents is None else latents).clone()
         for i, t in enumerate(tqdm(self.scheduler.timesteps, disable=not progress, desc=strategy.name)):
             eps = self.predict(x, t, strategy.branches(i, int(t), ctx), strategy)
-            self._record(eps, ctx)
+            self._record(eps, ctx, t)
             if self.attn is not None and self.last_fired:
                 ctx.state.setdefault("spikes_per_step", []).append(self.last_fired)
             if self.attn is not None and self.last_maps:
@@ -165,13 +167,13 @@ class GuidanceEngine:
             x = self.scheduler.step(strategy.combine(eps, i, int(t), ctx), t, x).prev_sample
         return x
 
-    def _record(self, eps: dict[str, torch.Tensor], ctx: GenContext) -> None:
+    def _record(self, eps: dict[str, torch.Tensor], ctx: GenContext, t) -> None:
         key = _own_branch(eps)
         if key is None:
             return
         c = eps.get(key)
         if c is not None and "uncond" in eps:
-            d = c - eps["uncond"]
+            d = epsilon_difference(self.scheduler, c, eps["uncond"], t)  # ε units on v-prediction models too
             ctx.stats["magnitude"].append(d.flatten(1).norm(dim=1).float().cpu())
             if "diff" in ctx.stats:
                 ctx.stats["diff"].append(d.float().cpu())

@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from guard_train.metrics.embed import Embedder
+from guard_train.models.prediction import to_x0
 
 
 @dataclass
@@ -51,8 +52,8 @@ def one_step_probe(pipe, images: np.ndarray, captions: list[str], t: int, seed: 
         noise = torch.randn(z.shape, generator=g).to(z)
         zt = abar**0.5 * z + (1 - abar) ** 0.5 * noise
         tt = torch.full((len(z),), t, device=pipe.device, dtype=torch.long)
-        eps = unet(zt.to(dtype), tt, _encode_text(pipe, captions[i : i + batch]).to(dtype)).sample.to(z.dtype)
-        x0 = (zt - (1 - abar) ** 0.5 * eps) / abar**0.5
+        out_t = unet(zt.to(dtype), tt, _encode_text(pipe, captions[i : i + batch]).to(dtype)).sample.to(z.dtype)
+        x0 = to_x0(pipe.scheduler, out_t, zt, tt)  # ε-, v- or sample-prediction models alike
         out.append(_to_u8(vae.decode(x0 / sf).sample.float()))
     return np.concatenate(out)
 

@@ -33,6 +33,7 @@ class StepContext:
     pred: torch.Tensor = None  # the UNet's prediction for this micro-batch (with grad)
     encode_text: Callable[[list[str]], torch.Tensor] = None  # frozen text encoder, captions -> embeddings
     run_dir: Any = None
+    scheduler: Any = None  # the noise scheduler (its prediction_type and ᾱ_t); None = an ε-model
     captures: dict[str, Any] = field(default_factory=dict)  # filled by attention processors (issue: attention)
     logs: dict[str, float] = field(default_factory=dict)  # hooks add scalars to log here
 

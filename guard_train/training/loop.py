@@ -33,7 +33,7 @@ from guard_train.data.lab import build_lab, write_imagefolder
 from guard_train.models.loading import load_components
 from guard_train.training import checkpoint as ckpt
 from guard_train.training.hooks import Hooks, StepContext, TrainState
-from guard_train.training.losses import snr_weights
+from guard_train.training.losses import sample_timesteps, snr_weights, timestep_weights, v_weights
 from guard_train.training.sampler import EpochShardSampler
 from guard_train.training.status import describe_failure, write_status
 
@@ -183,6 +183,8 @@ class Trainer:
             for p in unet.parameters():  # LoRA params train in fp32 even under mixed precision
                 if p.requires_grad:
                     p.data = p.data.float()
+            if t.init_lora:  # continue an existing LoRA (e.g. the committed memorizing one) with a fresh optimizer
+                self._set_lora(unet, t.init_lora)
         else:
             unet.requires_grad_(True)
             unet.to(acc.device)
@@ -245,11 +247,25 @@ class Trainer:
 
         while models:
             models.pop()
-        sd, _ = StableDiffusionPipeline.lora_state_dict(input_dir)
+        self._set_lora(self.acc.unwrap_model(self.unet), input_dir)
+
+    @staticmethod
+    def _set_lora(unet, path) -> None:
+        """Load LoRA weights (a dir with pytorch_lora_weights.safetensors, or the file) into the adapter in place."""
+        from diffusers import StableDiffusionPipeline
+        from diffusers.utils import convert_unet_state_dict_to_peft
+        from peft.utils import set_peft_model_state_dict
+
+        sd, _ = StableDiffusionPipeline.lora_state_dict(str(path))
         sd = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in sd.items() if k.startswith("unet.")})
-        res = set_peft_model_state_dict(self.acc.unwrap_model(self.unet), sd, adapter_name="default")
+        try:
+            res = set_peft_model_state_dict(unet, sd, adapter_name="default")
+        except RuntimeError as e:  # a size mismatch: another rank
+            raise ConfigError(f"LoRA {path} does not fit this adapter ({str(e).splitlines()[-1].strip()}): set "
+                              "train.lora_rank / lora_targets to the ones it was trained with") from None
         if getattr(res, "unexpected_keys", None):
-            raise RuntimeError(f"checkpoint {input_dir} has unexpected LoRA keys: {res.unexpected_keys[:5]}")
+            raise ConfigError(f"LoRA {path} has keys this adapter does not have ({res.unexpected_keys[:3]} ...): "
+                              "set train.lora_targets / lora_rank to the ones it was trained with")
 
     # -- checkpoints ---------------------------------------------------------------------------------------------
     def save_checkpoint(self) -> None:
@@ -354,7 +370,7 @@ class Trainer:
         if t.noise_offset:
             noise += t.noise_offset * torch.randn((*latents.shape[:2], 1, 1), generator=self.gen).to(noise)
         bsz = latents.shape[0]
-        timesteps = torch.randint(0, self.noise_scheduler.config.num_train_timesteps, (bsz,), generator=self.gen)
+        timesteps = sample_timesteps(bsz, self.noise_scheduler.config.num_train_timesteps, self.gen, self.t_weights)
         timesteps = timesteps.to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         captions = self._captions(batch["captions"], batch["ids"].tolist())
@@ -372,8 +388,10 @@ class Trainer:
         per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
         if t.snr_gamma:
             per = per * snr_weights(self.noise_scheduler, timesteps, t.snr_gamma).to(per)
+        if t.v_weight_cap:
+            per = per * v_weights(self.noise_scheduler, timesteps, t.v_weight_cap).to(per)
         ctx = StepContext(acc, self.step, batch["ids"], captions, timesteps, noisy, enc, per, self.unet, pred=pred,
-                          encode_text=self.encode_text, run_dir=self.run_dir)
+                          encode_text=self.encode_text, run_dir=self.run_dir, scheduler=self.noise_scheduler)
         w = torch.ones_like(per.detach())
         for hook in self.hooks.loss_weighting:
             w = w * hook(ctx).to(w)
@@ -436,6 +454,9 @@ class Trainer:
         self._setup_model()
         self.gen = torch.Generator().manual_seed(t.seed * 1_000_003 + 7919 * (self.rank + 1))  # per-rank noise
         self.vae_gen = torch.Generator().manual_seed(t.seed * 1_000_003 + 104_729 * (self.rank + 1))
+        self.t_weights = None if t.timestep_bias_strategy == "none" else timestep_weights(
+            t.timestep_bias_strategy, self.noise_scheduler.config.num_train_timesteps, t.timestep_bias_multiplier,
+            t.timestep_bias_portion, t.timestep_bias_begin, t.timestep_bias_end)
         self.np_rng = np.random.default_rng([t.seed, self.rank, 1])
         self.step, self.epoch, self.items_done = 0, 0, 0
         self.good_seen, self.tried_seen = 0, 0  # items decoded / items read in this process (all-bad check)

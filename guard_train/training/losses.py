@@ -16,3 +16,36 @@ def snr_weights(scheduler, timesteps: torch.Tensor, gamma: float) -> torch.Tenso
     snr = compute_snr(scheduler, timesteps)
     w = torch.clamp(snr, max=gamma)
     return w / snr if scheduler.config.prediction_type == "epsilon" else w / (snr + 1)
+
+
+def v_weights(scheduler, timesteps: torch.Tensor, cap: float) -> torch.Tensor:
+    """min(1 + 1/SNR, cap) for an ε target: the weight a v-prediction loss puts on ε errors (Δv = Δε / √ᾱ), so the
+    x̂₀ error at high noise — ‖Δx̂₀‖² = ‖Δε‖² / SNR — counts about as much as at low noise, where a plain ε-loss
+    weighs it by SNR (×0.007 at t = 961 with SD's betas). With SD's betas 1 + 1/SNR runs from 1 to 215 (t = 999);
+    the cap keeps a zero-terminal-SNR schedule (SNR = 0 at the top) finite."""
+    if scheduler.config.prediction_type != "epsilon":
+        raise ValueError("v_weights reweights an epsilon-prediction loss; a v-model's loss already has this weight")
+    from diffusers.training_utils import compute_snr
+
+    return torch.clamp(1 + 1 / compute_snr(scheduler, timesteps), max=cap).float()
+
+
+def timestep_weights(strategy: str, num_timesteps: int, multiplier: float = 1.0, portion: float = 0.25,
+                     begin: int = 0, end: int = 1000) -> torch.Tensor:
+    """Sampling weights over the training timesteps (the timestep bias of diffusers' SDXL fine-tuning script):
+    ones, times `multiplier` on the biased part — `later`: the top ⌊portion·T⌋ timesteps (the high-noise steps that
+    decide an image's layout), `earlier`: the bottom ones (texture), `range`: [begin, end). Normalised to sum 1."""
+    w = torch.ones(num_timesteps)
+    k = max(1, int(portion * num_timesteps))
+    part = {"none": slice(0, 0), "later": slice(num_timesteps - k, num_timesteps), "earlier": slice(0, k),
+            "range": slice(begin, min(end, num_timesteps))}[strategy]
+    w[part] *= multiplier
+    return w / w.sum()
+
+
+def sample_timesteps(bsz: int, num_timesteps: int, generator: torch.Generator, weights: torch.Tensor | None = None):
+    """Uniform timesteps (SD's training) or, with weights, drawn from them. Uniform draws keep the RNG stream of
+    `torch.randint`, so runs without a bias are unchanged."""
+    if weights is None:
+        return torch.randint(0, num_timesteps, (bsz,), generator=generator)
+    return torch.multinomial(weights, bsz, replacement=True, generator=generator)

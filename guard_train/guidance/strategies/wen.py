@@ -19,6 +19,7 @@ from typing import Optional
 import torch
 
 from guard_train.guidance.base import Strategy, cfg_combine
+from guard_train.models.prediction import epsilon_difference
 
 
 class WenOpt(Strategy):
@@ -53,7 +54,7 @@ class WenOpt(Strategy):
         with torch.enable_grad():
             for _ in range(self.p.max_iters):
                 eps_c = eng.unet(x, t0, emb.to(eng.unet.dtype)).sample.float()
-                diff = eps_c - eps_u
+                diff = epsilon_difference(eng.scheduler, eps_c, eps_u, t0)  # ε units on v-prediction models
                 if m is not None:
                     diff = diff * m
                 sq = diff.flatten(1).pow(2).sum(1)  # per row

@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from guard_train.attention.processor import CrossAttnState, cross_attention_layers, install
+from guard_train.models.prediction import epsilon_difference
 from guard_train.training.hooks import StepContext
 
 
@@ -133,4 +134,5 @@ class MagnitudeFilter(ThresholdFilter):
         with torch.no_grad():
             empty = ctx.encode_text([""]).expand(len(ctx.captions), -1, -1)
             eps_u = ctx.unet(ctx.noisy_latents, ctx.timesteps, empty.to(ctx.encoder_hidden_states)).sample
-        return (ctx.pred.detach().float() - eps_u.float()).flatten(1).norm(dim=1)
+        d = epsilon_difference(ctx.scheduler, ctx.pred.detach().float(), eps_u.float(), ctx.timesteps)
+        return d.flatten(1).norm(dim=1)  # ε units, so v-prediction models (SD 2.x 768) get Wen's score too

@@ -1,0 +1,64 @@
+"""The UNet's output in the quantity a method's formula is written in, whatever the model predicts.
+
+Detection scores and the magnitude filter are defined on ε (Wen et al.: ‖ε_θ(x_t, e_p) − ε_θ(x_t, e_∅)‖) and the
+one-step probe needs x̂₀. SD 1.x and 2.x-base predict ε, SD 2.x at 768 px predicts v (`prediction_type` in the
+scheduler config), some fine-tunes predict the sample. With a = √ᾱ_t, s = √(1 − ᾱ_t) and x_t = a·x₀ + s·ε
+(Salimans & Ho 2022, v = a·ε − s·x₀):
+
+    ε  = a·v + s·x_t            x̂₀ = a·x_t − s·v         (v_prediction)
+    ε  = (x_t − a·x̂₀) / s       x̂₀ = (x_t − s·ε) / a     (sample / epsilon)
+
+`x_t` is the model's input in the variance-preserving convention: `scheduler.scale_model_input(latents, t)`,
+which is the latents themselves for DDPM/DDIM and latents / √(σ² + 1) for σ-space schedulers (Euler, …).
+On an ε-model every function returns the output unchanged, so SD 1.x numbers are bit-identical.
+"""
+
+from __future__ import annotations
+
+import torch
+
+KINDS = ("epsilon", "v_prediction", "sample")
+
+
+def prediction_type(scheduler) -> str:
+    kind = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon") if scheduler is not None else "epsilon"
+    if kind not in KINDS:
+        raise ValueError(f"scheduler prediction_type {kind!r} is not supported; expected one of {KINDS}")
+    return kind
+
+
+def _coeffs(scheduler, t, like: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """a = √ᾱ_t, s = √(1 − ᾱ_t), shaped to broadcast over `like` (t: int, 0-d or (B,) tensor)."""
+    # float64 on the CPU, like `alphas_cumprod[t].item() ** 0.5` (so an ε-model's x̂₀ is bit-identical to before)
+    ab = scheduler.alphas_cumprod.cpu().double()[torch.as_tensor(t).cpu().long()].reshape(-1, *([1] * (like.ndim - 1)))
+    return ab.sqrt().to(like), (1 - ab).sqrt().to(like)
+
+
+def to_epsilon(scheduler, output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+    kind = prediction_type(scheduler)
+    if kind == "epsilon":
+        return output
+    a, s = _coeffs(scheduler, t, output)
+    if kind == "v_prediction":
+        return a * output + s * x_t
+    return (x_t - a * output) / s
+
+
+def to_x0(scheduler, output: torch.Tensor, x_t: torch.Tensor, t) -> torch.Tensor:
+    kind = prediction_type(scheduler)
+    if kind == "sample":
+        return output
+    a, s = _coeffs(scheduler, t, output)
+    if kind == "v_prediction":
+        return a * x_t - s * output
+    return (x_t - s * output) / a
+
+
+def epsilon_difference(scheduler, out_a: torch.Tensor, out_b: torch.Tensor, t) -> torch.Tensor:
+    """ε_a − ε_b for two outputs at the same x_t (the input cancels): Wen's magnitude in ε units on any model."""
+    kind = prediction_type(scheduler)
+    d = out_a - out_b
+    if kind == "epsilon":
+        return d
+    a, s = _coeffs(scheduler, t, d)
+    return a * d if kind == "v_prediction" else -(a / s) * d
