@@ -4,7 +4,7 @@
 # methods, detection and tests use it as "a model that really copies" without retraining.
 # The LoRA is wide (rank 32 on attention, proj_in/out, feed-forward and resnet convs): attention-only LoRAs of
 # rank 16 memorized the duplicates (probe, nearest neighbour) but never produced an SSCD copy (docs/base-model.md).
-# Phase 2 (V_SEGMENTS, default 2): segments of 2,000 steps that continue the LoRA (train.init_lora, fresh AdamW)
+# Phase 2 (V_SEGMENTS, default 1): segments of 2,000 steps that continue the LoRA (train.init_lora, fresh AdamW)
 # with train.v_weight_cap=200 — the ε-loss weighted as a v-loss, so the high-noise steps that set the layout are
 # learned (plain ε-loss weighs their x̂₀ error by SNR ≈ 0.007): without it the LoRA copies from SDEdit starts but
 # hardly from pure noise (docs/base-model.md, "Where copying breaks").
@@ -15,7 +15,7 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 STEPS=${1:-10000}
 NAME=${NAME:-memorized-lora-build}
-V_SEGMENTS=${V_SEGMENTS:-2}
+V_SEGMENTS=${V_SEGMENTS:-1}
 START=run.overwrite=true
 [ "${2:-}" = resume ] && START=resume=latest
 RANK=32
