@@ -241,10 +241,6 @@ class Trainer:
             weights.pop()
 
     def _load_lora_hook(self, models, input_dir):
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_unet_state_dict_to_peft
-        from peft.utils import set_peft_model_state_dict
-
         while models:
             models.pop()
         self._set_lora(self.acc.unwrap_model(self.unet), input_dir)
