@@ -123,16 +123,23 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("train", help="fine-tune (single process; use `accelerate launch train.py` for several)",
                    add_help=False)
     b = sub.add_parser("build-base", help="pretrain the embedded tiny SD (offline, long)")
-    b.add_argument("--out", default="models/tiny-sd")
-    b.add_argument("--work", default="runs/build-base")
-    b.add_argument("--steps", type=int, default=20000)
-    b.add_argument("--minutes", type=float, default=0.0, help="time budget; export and stop when reached")
-    b.add_argument("--init-from", default="", help="continue from an exported model dir")
-    b.add_argument("--seed", type=int, default=0)
-    b.add_argument("--decay-from", type=int, default=-1, help="cosine-decay the lr from this step to --steps")
-    b.add_argument("--lr-min-ratio", type=float, default=0.1)
-    b.add_argument("--lr", type=float, default=5e-4)
-    b.add_argument("--snr-gamma", type=float, default=5.0, help="min-SNR-γ loss weighting; 0 = off (uniform)")
+    # defaults are PretrainConfig's (None = not given), so the CLI and the dataclass cannot drift apart
+    b.add_argument("--out", help="exported model dir (default models/tiny-sd)")
+    b.add_argument("--work", help="resumable trainer state (default runs/build-base)")
+    b.add_argument("--steps", type=int)
+    b.add_argument("--minutes", dest="time_budget_min", type=float, help="time budget; export and stop when reached")
+    b.add_argument("--init-from", help="continue from an exported model dir")
+    b.add_argument("--seed", type=int)
+    b.add_argument("--decay-from", type=int, help="cosine-decay the lr from this step to --steps")
+    b.add_argument("--lr-min-ratio", type=float)
+    b.add_argument("--lr", type=float)
+    b.add_argument("--snr-gamma", type=float, help="min-SNR-γ loss weighting (default 5); 0 = off (uniform)")
+    b.add_argument("--v-weight-cap", type=float,
+                   help="weight the ε-loss as a v-loss, min(1 + 1/SNR, cap); needs --snr-gamma 0")
+    b.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
+                   help="train this target; v_prediction converts an ε base (saved in the scheduler config)")
+    b.add_argument("--zero-terminal-snr", action="store_true", default=None,
+                   help="rescale the betas to zero SNR at t = 999 and sample with trailing spacing (needs v)")
     sc = sub.add_parser("build-scorer", help="train the lab alignment scorer (attribute classifier)")
     sc.add_argument("--out", default="models/lab-scorer")
     sc.add_argument("--steps", type=int, default=1500)
@@ -214,11 +221,17 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     _quiet()
     if args.cmd == "build-base":
-        from guard_train.training.pretrain import PretrainConfig, build_base
+        from guard_train.training.pretrain import PretrainConfig, build_base, check_config
 
-        build_base(PretrainConfig(out=args.out, work=args.work, steps=args.steps, time_budget_min=args.minutes,
-                                  init_from=args.init_from, seed=args.seed, decay_from=args.decay_from,
-                                  lr_min_ratio=args.lr_min_ratio, lr=args.lr, snr_gamma=args.snr_gamma))
+        names = ("out", "work", "steps", "time_budget_min", "init_from", "seed", "decay_from", "lr_min_ratio", "lr",
+                 "snr_gamma", "v_weight_cap", "prediction_type", "zero_terminal_snr")
+        cfg = PretrainConfig(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
+        try:
+            check_config(cfg)
+        except ValueError as e:
+            print(f"error: {e}", file=sys.stderr)
+            return 2
+        build_base(cfg)
         return 0
     if args.cmd == "build-scorer":
         import json

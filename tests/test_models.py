@@ -135,3 +135,59 @@ def test_build_base_exports_a_loadable_pipeline_and_resumes_its_state(tmp_path):
     assert info["wall_s_total"] >= first["wall_s_total"]
     pipe = load_pipeline(str(tmp_path / "m"))
     assert pipe.unet.config.cross_attention_dim == 64 and not list((tmp_path / "w").glob("samples_*.png"))
+
+
+def test_diffusion_target_and_loss_weights_by_hand():
+    from diffusers import DDPMScheduler
+
+    from guard_train.training.losses import diffusion_target, loss_weights
+
+    eps = DDPMScheduler(beta_schedule="scaled_linear", beta_start=0.00085, beta_end=0.012)
+    x0, noise, t = torch.full((2, 1, 1, 1), 2.0), torch.full((2, 1, 1, 1), -1.0), torch.tensor([0, 999])
+    assert torch.equal(diffusion_target(eps, x0, noise, t), noise)
+    v = DDPMScheduler.from_config(eps.config, prediction_type="v_prediction")
+    ab = v.alphas_cumprod[t].view(2, 1, 1, 1)
+    assert torch.allclose(diffusion_target(v, x0, noise, t), ab.sqrt() * -1.0 - (1 - ab).sqrt() * 2.0)
+    with pytest.raises(ValueError, match="not trained here"):
+        diffusion_target(DDPMScheduler.from_config(eps.config, prediction_type="sample"), x0, noise, t)
+    snr = ab.view(2) / (1 - ab.view(2))
+    assert torch.equal(loss_weights(eps, t), torch.ones(2))
+    assert torch.allclose(loss_weights(eps, t, snr_gamma=5.0), torch.clamp(snr, max=5.0) / snr)
+    assert torch.allclose(loss_weights(eps, t, v_weight_cap=100.0), torch.clamp(1 + 1 / snr, max=100.0))
+    assert loss_weights(eps, t, v_weight_cap=100.0)[1] == 100.0  # 1 + 1/SNR(999) = 215 is capped
+    with pytest.raises(ValueError, match="not both"):
+        loss_weights(eps, t, snr_gamma=5.0, v_weight_cap=100.0)
+
+
+def test_build_base_refuses_settings_that_cannot_work_together(tmp_path):
+    from guard_train.cli import main
+    from guard_train.training.pretrain import PretrainConfig, check_config
+
+    for bad, msg in [(dict(v_weight_cap=200.0), "--snr-gamma 0"),
+                     (dict(v_weight_cap=200.0, snr_gamma=0, prediction_type="v_prediction"), "already carries"),
+                     (dict(v_weight_cap=0.5, snr_gamma=0), ">= 1"),
+                     (dict(zero_terminal_snr=True), "--prediction-type v_prediction"),
+                     (dict(prediction_type="sample"), "'epsilon' or 'v_prediction'")]:
+        with pytest.raises(ValueError, match=msg):
+            check_config(PretrainConfig(**bad))
+    out = tmp_path / "m"
+    assert main(["build-base", "--out", str(out), "--work", str(tmp_path / "w"), "--v-weight-cap", "200"]) == 2
+    assert not out.exists() and not (tmp_path / "w").exists()  # refused before anything is written
+    check_config(PretrainConfig(v_weight_cap=200.0, snr_gamma=0))  # the valid combinations pass
+    check_config(PretrainConfig(prediction_type="v_prediction", zero_terminal_snr=True))
+
+
+def test_build_base_converts_to_v_prediction_with_zero_terminal_snr(tmp_path):
+    from guard_train.models.tiny_sd import noise_scheduler
+    from guard_train.training.pretrain import PretrainConfig, build_base
+
+    cfg = dict(work=str(tmp_path / "w"), batch_size=2, codec_fit_images=64, save_every=2, sample_every=0)
+    build_base(PretrainConfig(out=str(tmp_path / "eps"), steps=2, **cfg))
+    build_base(PretrainConfig(out=str(tmp_path / "v"), steps=2, init_from=str(tmp_path / "eps"),
+                              prediction_type="v_prediction", zero_terminal_snr=True, **cfg))
+    sched = json.loads((tmp_path / "v" / "scheduler" / "scheduler_config.json").read_text())
+    assert sched["prediction_type"] == "v_prediction" and sched["rescale_betas_zero_snr"]
+    assert sched["timestep_spacing"] == "trailing"
+    assert noise_scheduler(tmp_path / "v").alphas_cumprod[-1].item() < 1e-6  # t = 999 is pure noise in training
+    seg = json.loads((tmp_path / "v" / "build_info.json").read_text())["segments"]
+    assert [s["prediction_type"] for s in seg] == ["epsilon", "v_prediction"] and seg[-1]["zero_terminal_snr"]

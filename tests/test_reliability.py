@@ -325,6 +325,10 @@ def test_pickled_model_and_lora_weights_are_refused_not_executed(tmp_path, tiny_
     torch.save({"x": _Payload(marker)}, lora / "pytorch_lora_weights.bin")
     with pytest.raises(ModelLoadError, match="safetensors"):
         load_lora(load_pipeline(str(tiny_sd_dir)), str(lora))
+    from guard_train.training.loop import Trainer
+
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        Trainer._set_lora(None, lora)  # train.init_lora and resume read a LoRA the same way
     assert not marker.exists()
 
 

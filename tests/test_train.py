@@ -260,3 +260,19 @@ def test_v_weight_cap_reweights_each_samples_loss(tmp_path, tiny_sd_dir):
     assert torch.equal(t0, t1)
     w = v_weights(sched, t0, 30.0)
     assert torch.allclose(weighted, plain * w, rtol=1e-5) and float(w.max()) > 1.5  # not all-ones
+
+
+def test_v_weight_cap_on_a_v_prediction_model_is_a_config_error(tmp_path, tiny_sd_dir):
+    import shutil
+
+    from guard_train.config.loader import ConfigError
+    from guard_train.training.loop import Trainer
+
+    model = tmp_path / "v_model"
+    shutil.copytree(tiny_sd_dir, model)
+    sc = model / "scheduler" / "scheduler_config.json"
+    sc.write_text(json.dumps({**json.loads(sc.read_text()), "prediction_type": "v_prediction"}))
+    t = Trainer(load_config(small_lab_args(tmp_path, model, **{"train.max_steps": 1, "train.v_weight_cap": 30.0})))
+    with pytest.raises(ConfigError, match="drop train.v_weight_cap"):
+        t.setup()
+    t.close()

@@ -43,26 +43,35 @@ def load_pipeline(path: str, revision: str | None = None, variant: str | None = 
         ) from None
 
 
-def load_lora(pipe: StableDiffusionPipeline, path: str) -> None:
-    """`pipe.load_lora_weights` from safetensors only (a pickled .bin LoRA could run code when loaded), with every
-    UNet key in one format first: diffusers decides a file's key format from a single key, so a file that mixes
-    diffusers' lora.down/up (attention) with PEFT's lora_A/B (conv, ff) would silently lose layers. Afterwards every
-    LoRA'd module of the file is checked to be present in the UNet."""
+def read_lora(path: str) -> tuple[dict, dict, dict | None]:
+    """A LoRA file's UNet keys in PEFT format (`unet.` removed), its other keys, and its alphas — from safetensors
+    only (a pickled .bin LoRA could run code when loaded). One key format for every UNet key: diffusers decides a
+    file's format from a single key, so a file that mixes diffusers' lora.down/up (attention) with PEFT's lora_A/B
+    (conv, ff) would otherwise silently lose layers."""
     from diffusers.utils import convert_unet_state_dict_to_peft
 
     try:
-        sd, alphas = pipe.lora_state_dict(path, use_safetensors=True)
-        unet = convert_unet_state_dict_to_peft({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
+        sd, alphas = StableDiffusionPipeline.lora_state_dict(str(path), use_safetensors=True)
+    except (OSError, ValueError, EnvironmentError) as e:
+        raise ModelLoadError(
+            f"could not load LoRA weights from {str(path)!r}: {str(e).splitlines()[0]}. Give a directory with "
+            f"pytorch_lora_weights.safetensors (diffusers' save_lora_weights format; pickled .bin files are refused)."
+        ) from None
+    unet = convert_unet_state_dict_to_peft({k[5:]: v for k, v in sd.items() if k.startswith("unet.")})
+    return unet, {k: v for k, v in sd.items() if not k.startswith("unet.")}, alphas
+
+
+def load_lora(pipe: StableDiffusionPipeline, path: str) -> None:
+    """`pipe.load_lora_weights` of `read_lora`'s keys; afterwards every LoRA'd module of the file is checked to be
+    present in the UNet."""
+    unet, rest, alphas = read_lora(path)
+    try:
         if alphas:  # kohya-style files carry alphas that only the path-based loader maps: leave those to diffusers
             pipe.load_lora_weights(path, use_safetensors=True)
         else:
-            rest = {k: v for k, v in sd.items() if not k.startswith("unet.")}
             pipe.load_lora_weights({**{f"unet.{k}": v for k, v in unet.items()}, **rest})
     except (OSError, ValueError, EnvironmentError) as e:
-        raise ModelLoadError(
-            f"could not load LoRA weights from {path!r}: {str(e).splitlines()[0]}. Give a directory with "
-            f"pytorch_lora_weights.safetensors (diffusers' save_lora_weights format; pickled .bin files are refused)."
-        ) from None
+        raise ModelLoadError(f"could not apply LoRA weights from {path!r}: {str(e).splitlines()[0]}") from None
     modules = dict(pipe.unet.named_modules())
     missing = sorted(n for n in {k.split(".lora_")[0] for k in unet} if not hasattr(modules.get(n), "lora_A"))
     if missing:

@@ -33,7 +33,7 @@ from guard_train.data.lab import build_lab, write_imagefolder
 from guard_train.models.loading import load_components
 from guard_train.training import checkpoint as ckpt
 from guard_train.training.hooks import Hooks, StepContext, TrainState
-from guard_train.training.losses import sample_timesteps, snr_weights, timestep_weights, v_weights
+from guard_train.training.losses import diffusion_target, loss_weights, sample_timesteps, timestep_weights
 from guard_train.training.sampler import EpochShardSampler
 from guard_train.training.status import describe_failure, write_status
 
@@ -164,6 +164,13 @@ class Trainer:
         cfg, t, acc = self.cfg, self.cfg.train, self.acc
         c = load_components(resolve_model_path(cfg.model.path), cfg.model.revision, cfg.model.variant)
         self.tokenizer, self.noise_scheduler, self.model_path = c.tokenizer, c.noise_scheduler, c.path
+        kind = self.noise_scheduler.config.prediction_type
+        if kind not in ("epsilon", "v_prediction"):
+            raise ConfigError(f"{cfg.model.path}: scheduler prediction_type {kind!r} cannot be fine-tuned here; "
+                              "use an epsilon or v_prediction model")
+        if t.v_weight_cap and kind != "epsilon":
+            raise ConfigError(f"train.v_weight_cap weighs an ε-loss as a v-loss, but {cfg.model.path} is a {kind} "
+                              "model whose loss already has that weight: drop train.v_weight_cap")
         for tf in self.hooks.caption_transforms:
             if hasattr(tf, "bind"):
                 tf.bind(self.tokenizer)
@@ -248,12 +255,11 @@ class Trainer:
     @staticmethod
     def _set_lora(unet, path) -> None:
         """Load LoRA weights (a dir with pytorch_lora_weights.safetensors, or the file) into the adapter in place."""
-        from diffusers import StableDiffusionPipeline
-        from diffusers.utils import convert_unet_state_dict_to_peft
         from peft.utils import set_peft_model_state_dict
 
-        sd, _ = StableDiffusionPipeline.lora_state_dict(str(path))
-        sd = convert_unet_state_dict_to_peft({k.removeprefix("unet."): v for k, v in sd.items() if k.startswith("unet.")})
+        from guard_train.models.loading import read_lora
+
+        sd, _, _ = read_lora(str(path))  # the same key handling as inference's load_lora
         try:
             res = set_peft_model_state_dict(unet, sd, adapter_name="default")
         except RuntimeError as e:  # a size mismatch: another rank
@@ -376,16 +382,11 @@ class Trainer:
             enc = self.text_encoder(ids)[0]
         for tf in self.hooks.embedding_transforms:
             enc = tf(enc, self.gen)
-        if self.noise_scheduler.config.prediction_type == "v_prediction":
-            target = self.noise_scheduler.get_velocity(latents, noise, timesteps)
-        else:
-            target = noise
+        target = diffusion_target(self.noise_scheduler, latents, noise, timesteps)
         pred = self.unet(noisy, timesteps, enc).sample
         per = F.mse_loss(pred.float(), target.float(), reduction="none").mean(dim=list(range(1, pred.ndim)))
-        if t.snr_gamma:
-            per = per * snr_weights(self.noise_scheduler, timesteps, t.snr_gamma).to(per)
-        if t.v_weight_cap:
-            per = per * v_weights(self.noise_scheduler, timesteps, t.v_weight_cap).to(per)
+        if t.snr_gamma or t.v_weight_cap:
+            per = per * loss_weights(self.noise_scheduler, timesteps, t.snr_gamma, t.v_weight_cap).to(per)
         ctx = StepContext(acc, self.step, batch["ids"], captions, timesteps, noisy, enc, per, self.unet, pred=pred,
                           encode_text=self.encode_text, run_dir=self.run_dir, scheduler=self.noise_scheduler)
         w = torch.ones_like(per.detach())

@@ -30,6 +30,26 @@ def v_weights(scheduler, timesteps: torch.Tensor, cap: float) -> torch.Tensor:
     return torch.clamp(1 + 1 / compute_snr(scheduler, timesteps), max=cap).float()
 
 
+def diffusion_target(scheduler, latents: torch.Tensor, noise: torch.Tensor, timesteps: torch.Tensor) -> torch.Tensor:
+    """What the UNet regresses: the noise ε, or v = √ᾱ·ε − √(1−ᾱ)·x₀ for a v-prediction scheduler (SD 2.x 768)."""
+    kind = scheduler.config.prediction_type
+    if kind == "epsilon":
+        return noise
+    if kind == "v_prediction":
+        return scheduler.get_velocity(latents, noise, timesteps)
+    raise ValueError(f"prediction_type {kind!r} is not trained here; use 'epsilon' or 'v_prediction'")
+
+
+def loss_weights(scheduler, timesteps: torch.Tensor, snr_gamma: float = 0.0, v_weight_cap: float = 0.0) -> torch.Tensor:
+    """Per-sample weights of the MSE: min-SNR-γ (`snr_gamma`), the v-loss weight on an ε target (`v_weight_cap`),
+    or ones. The two reweight the same timesteps in opposite directions, so at most one may be set."""
+    if snr_gamma and v_weight_cap:
+        raise ValueError("set snr_gamma or v_weight_cap, not both")
+    if v_weight_cap:
+        return v_weights(scheduler, timesteps, v_weight_cap)
+    return snr_weights(scheduler, timesteps, snr_gamma)
+
+
 def timestep_weights(strategy: str, num_timesteps: int, multiplier: float = 1.0, portion: float = 0.25,
                      begin: int = 0, end: int = 1000) -> torch.Tensor:
     """Sampling weights over the training timesteps (the timestep bias of diffusers' SDXL fine-tuning script):

@@ -31,7 +31,7 @@ from tqdm.auto import tqdm
 from guard_train.data.lab import pretrain_stream
 from guard_train.models.codec import PatchPCACodec
 from guard_train.models.tiny_sd import build_tiny_sd, clip_tokenizer, noise_scheduler
-from guard_train.training.losses import snr_weights
+from guard_train.training.losses import diffusion_target, loss_weights
 
 EVAL_CAPTIONS = (
     "a red circle on a cat photo",
@@ -55,6 +55,9 @@ class PretrainConfig:
     warmup: int = 200
     ema_decay: float = 0.999
     snr_gamma: float = 5.0  # min-SNR-γ; 0 = off (uniform weights)
+    v_weight_cap: float = 0.0  # > 0: weight the ε-loss as a v-loss, min(1 + 1/SNR, cap) (needs snr_gamma = 0)
+    prediction_type: str = ""  # "" keeps the model's; "v_prediction" converts an ε base (as SD 2.0 → 2.0-v did)
+    zero_terminal_snr: bool = False  # rescale the betas so t = 999 is pure noise (Lin et al. 2024); needs v
     caption_dropout: float = 0.1
     resolution: int = 64
     latent_channels: int = 16
@@ -112,7 +115,43 @@ def lr_at(cfg: PretrainConfig, step: int) -> float:
     return lr
 
 
+def check_config(cfg: PretrainConfig) -> None:
+    """Settings that cannot work together, refused before anything is built or written."""
+    if cfg.prediction_type not in ("", "epsilon", "v_prediction"):
+        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {cfg.prediction_type!r}")
+    if cfg.v_weight_cap and cfg.snr_gamma:
+        raise ValueError("v_weight_cap and snr_gamma reweight the same timesteps in opposite directions: "
+                         "pass --snr-gamma 0 with --v-weight-cap")
+    if cfg.v_weight_cap and cfg.prediction_type == "v_prediction":
+        raise ValueError("a v-prediction loss already carries the v weight; drop --v-weight-cap")
+    if cfg.zero_terminal_snr and cfg.prediction_type != "v_prediction":
+        raise ValueError("zero terminal SNR leaves an ε-model nothing to predict at t = 999 (ε = x_t): "
+                         "pass --prediction-type v_prediction with --zero-terminal-snr")
+    if cfg.v_weight_cap and not cfg.v_weight_cap >= 1:
+        raise ValueError(f"v_weight_cap must be 0 (off) or >= 1, got {cfg.v_weight_cap}")
+
+
+def set_schedule(pipe: StableDiffusionPipeline, cfg: PretrainConfig) -> None:
+    """Give the pipeline's scheduler the requested prediction type / zero-terminal-SNR betas, so the export (and
+    every fine-tune and sampler that loads it) trains and samples with them. Zero terminal SNR samples with
+    'trailing' spacing, so sampling starts at t = 999 where training now sees pure noise."""
+    conf = dict(pipe.scheduler.config)
+    if cfg.prediction_type:
+        conf["prediction_type"] = cfg.prediction_type
+    if cfg.zero_terminal_snr:
+        conf.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
+    if conf.get("rescale_betas_zero_snr") and conf["prediction_type"] != "v_prediction":
+        raise ValueError("zero terminal SNR leaves nothing to predict for an ε-model at t = 999 (ε = x_t); "
+                         "use it with --prediction-type v_prediction")
+    if cfg.v_weight_cap and conf["prediction_type"] != "epsilon":
+        raise ValueError(f"{cfg.init_from or 'this model'} is a {conf['prediction_type']} model: its loss already "
+                         "carries the v weight; drop --v-weight-cap")
+    if conf != dict(pipe.scheduler.config):
+        pipe.scheduler = type(pipe.scheduler).from_config(conf)
+
+
 def build_base(cfg: PretrainConfig) -> Path:
+    check_config(cfg)
     torch.manual_seed(cfg.seed)
     out, work = Path(cfg.out), Path(cfg.work)
     work.mkdir(parents=True, exist_ok=True)
@@ -127,6 +166,7 @@ def build_base(cfg: PretrainConfig) -> Path:
         codec = PatchPCACodec(latent_channels=cfg.latent_channels, sample_size=cfg.resolution).fit(to_tensor(fit_imgs))
         pipe = build_tiny_sd(codec, tok, seed=cfg.seed)
         prev = {}
+    set_schedule(pipe, cfg)
     unet, te, codec, tok = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
     unet.train()
     te.train()
@@ -163,7 +203,11 @@ def build_base(cfg: PretrainConfig) -> Path:
             "segments": [*prev.get("segments", []), {"steps": f"{prior_steps + start_step}-{prior_steps + step}",
                                                      "wall_s": round(time.time() - t0, 1),
                                                      "decay_from": cfg.decay_from, "init_from": cfg.init_from,
-                                                     "lr": cfg.lr, "snr_gamma": cfg.snr_gamma}],
+                                                     "lr": cfg.lr, "snr_gamma": cfg.snr_gamma,
+                                                     "v_weight_cap": cfg.v_weight_cap,
+                                                     "prediction_type": sched.config.prediction_type,
+                                                     "zero_terminal_snr": bool(
+                                                         sched.config.get("rescale_betas_zero_snr"))}],
             "torch": torch.__version__,
         }
 
@@ -176,8 +220,9 @@ def build_base(cfg: PretrainConfig) -> Path:
         noise = torch.randn(z.shape, generator=gen)
         t = torch.randint(0, sched.config.num_train_timesteps, (z.shape[0],), generator=gen)
         pred = unet(sched.add_noise(z, noise, t), t, te(ids)[0]).sample
-        w = snr_weights(sched, t, cfg.snr_gamma)
-        loss = (F.mse_loss(pred, noise, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
+        w = loss_weights(sched, t, cfg.snr_gamma, cfg.v_weight_cap)
+        target = diffusion_target(sched, z, noise, t)
+        loss = (F.mse_loss(pred, target, reduction="none").mean(dim=(1, 2, 3)) * w).mean()
         for g in opt.param_groups:
             g["lr"] = lr_at(cfg, step)
         loss.backward()
