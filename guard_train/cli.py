@@ -231,7 +231,13 @@ def main(argv: list[str] | None = None) -> int:
         except ValueError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
-        build_base(cfg)
+        from guard_train.config.loader import ConfigError
+
+        try:
+            build_base(cfg)
+        except ConfigError as e:  # found after loading the model (its own scheduler), before any training
+            print(f"error: {e}", file=sys.stderr)
+            return 2
         return 0
     if args.cmd == "build-scorer":
         import json

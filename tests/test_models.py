@@ -173,6 +173,8 @@ def test_build_base_refuses_settings_that_cannot_work_together(tmp_path):
     out = tmp_path / "m"
     assert main(["build-base", "--out", str(out), "--work", str(tmp_path / "w"), "--v-weight-cap", "200"]) == 2
     assert not out.exists() and not (tmp_path / "w").exists()  # refused before anything is written
+    assert main(["build-base", "--out", str(out), "--work", str(tmp_path / "w"), "--init-from", str(tmp_path)]) == 2
+    assert not out.exists() and not (tmp_path / "w").exists()  # no model_index.json there: exit 2, nothing written
     check_config(PretrainConfig(v_weight_cap=200.0, snr_gamma=0))  # the valid combinations pass
     check_config(PretrainConfig(prediction_type="v_prediction", zero_terminal_snr=True))
 
@@ -191,3 +193,9 @@ def test_build_base_converts_to_v_prediction_with_zero_terminal_snr(tmp_path):
     assert noise_scheduler(tmp_path / "v").alphas_cumprod[-1].item() < 1e-6  # t = 999 is pure noise in training
     seg = json.loads((tmp_path / "v" / "build_info.json").read_text())["segments"]
     assert [s["prediction_type"] for s in seg] == ["epsilon", "v_prediction"] and seg[-1]["zero_terminal_snr"]
+    # a v-weight on a model that is already v is found only after loading it: still exit 2, nothing written
+    from guard_train.cli import main
+
+    args = ["--out", str(tmp_path / "x"), "--work", str(tmp_path / "w2"), "--init-from", str(tmp_path / "v")]
+    assert main(["build-base", *args, "--v-weight-cap", "200", "--snr-gamma", "0"]) == 2
+    assert not (tmp_path / "x").exists() and not (tmp_path / "w2").exists()

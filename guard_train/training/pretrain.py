@@ -28,6 +28,7 @@ from diffusers import StableDiffusionPipeline
 from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
+from guard_train.config.loader import ConfigError
 from guard_train.data.lab import pretrain_stream
 from guard_train.models.codec import PatchPCACodec
 from guard_train.models.tiny_sd import build_tiny_sd, clip_tokenizer, noise_scheduler
@@ -141,10 +142,10 @@ def set_schedule(pipe: StableDiffusionPipeline, cfg: PretrainConfig) -> None:
     if cfg.zero_terminal_snr:
         conf.update(rescale_betas_zero_snr=True, timestep_spacing="trailing")
     if conf.get("rescale_betas_zero_snr") and conf["prediction_type"] != "v_prediction":
-        raise ValueError("zero terminal SNR leaves nothing to predict for an ε-model at t = 999 (ε = x_t); "
+        raise ConfigError("zero terminal SNR leaves nothing to predict for an ε-model at t = 999 (ε = x_t); "
                          "use it with --prediction-type v_prediction")
     if cfg.v_weight_cap and conf["prediction_type"] != "epsilon":
-        raise ValueError(f"{cfg.init_from or 'this model'} is a {conf['prediction_type']} model: its loss already "
+        raise ConfigError(f"{cfg.init_from or 'this model'} is a {conf['prediction_type']} model: its loss already "
                          "carries the v weight; drop --v-weight-cap")
     if conf != dict(pipe.scheduler.config):
         pipe.scheduler = type(pipe.scheduler).from_config(conf)
@@ -152,21 +153,26 @@ def set_schedule(pipe: StableDiffusionPipeline, cfg: PretrainConfig) -> None:
 
 def build_base(cfg: PretrainConfig) -> Path:
     check_config(cfg)
+    if cfg.init_from and not (Path(cfg.init_from) / "model_index.json").is_file():
+        raise ConfigError(f"--init-from {cfg.init_from}: no model_index.json there; pass a model dir exported by "
+                          "build-base (e.g. models/tiny-sd)")
     torch.manual_seed(cfg.seed)
     out, work = Path(cfg.out), Path(cfg.work)
-    work.mkdir(parents=True, exist_ok=True)
     t0 = time.time()
     state_path = work / "trainer_state.pt"
     if cfg.init_from:
         pipe = StableDiffusionPipeline.from_pretrained(cfg.init_from, safety_checker=None, local_files_only=True)
-        prev = json.loads((Path(cfg.init_from) / "build_info.json").read_text())
+        info = Path(cfg.init_from) / "build_info.json"  # absent on a model build-base did not make
+        prev = json.loads(info.read_text()) if info.is_file() else {}
     else:
+        work.mkdir(parents=True, exist_ok=True)
         tok = clip_tokenizer(work)
         fit_imgs = [im for im, _ in islice(pretrain_stream(cfg.seed + 10_000, cfg.resolution), cfg.codec_fit_images)]
         codec = PatchPCACodec(latent_channels=cfg.latent_channels, sample_size=cfg.resolution).fit(to_tensor(fit_imgs))
         pipe = build_tiny_sd(codec, tok, seed=cfg.seed)
         prev = {}
-    set_schedule(pipe, cfg)
+    set_schedule(pipe, cfg)  # may refuse the loaded model's schedule: before anything is written
+    work.mkdir(parents=True, exist_ok=True)
     unet, te, codec, tok = pipe.unet, pipe.text_encoder, pipe.vae, pipe.tokenizer
     unet.train()
     te.train()
