@@ -221,21 +221,15 @@ def main(argv: list[str] | None = None) -> int:
         p.error(f"unrecognized arguments: {' '.join(rest)}")
     _quiet()
     if args.cmd == "build-base":
-        from guard_train.training.pretrain import PretrainConfig, build_base, check_config
+        from guard_train.config.loader import ConfigError
+        from guard_train.training.pretrain import PretrainConfig, build_base
 
         names = ("out", "work", "steps", "time_budget_min", "init_from", "seed", "decay_from", "lr_min_ratio", "lr",
                  "snr_gamma", "v_weight_cap", "prediction_type", "zero_terminal_snr")
         cfg = PretrainConfig(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
         try:
-            check_config(cfg)
-        except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        from guard_train.config.loader import ConfigError
-
-        try:
-            build_base(cfg)
-        except ConfigError as e:  # found after loading the model (its own scheduler), before any training
+            build_base(cfg)  # refuses bad flags, or a loaded model's clashing schedule, before writing anything
+        except ConfigError as e:
             print(f"error: {e}", file=sys.stderr)
             return 2
         return 0

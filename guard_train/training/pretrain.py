@@ -119,17 +119,17 @@ def lr_at(cfg: PretrainConfig, step: int) -> float:
 def check_config(cfg: PretrainConfig) -> None:
     """Settings that cannot work together, refused before anything is built or written."""
     if cfg.prediction_type not in ("", "epsilon", "v_prediction"):
-        raise ValueError(f"prediction_type must be 'epsilon' or 'v_prediction', got {cfg.prediction_type!r}")
+        raise ConfigError(f"prediction_type must be 'epsilon' or 'v_prediction', got {cfg.prediction_type!r}")
     if cfg.v_weight_cap and cfg.snr_gamma:
-        raise ValueError("v_weight_cap and snr_gamma reweight the same timesteps in opposite directions: "
+        raise ConfigError("v_weight_cap and snr_gamma reweight the same timesteps in opposite directions: "
                          "pass --snr-gamma 0 with --v-weight-cap")
     if cfg.v_weight_cap and cfg.prediction_type == "v_prediction":
-        raise ValueError("a v-prediction loss already carries the v weight; drop --v-weight-cap")
+        raise ConfigError("a v-prediction loss already carries the v weight; drop --v-weight-cap")
     if cfg.zero_terminal_snr and cfg.prediction_type != "v_prediction":
-        raise ValueError("zero terminal SNR leaves an ε-model nothing to predict at t = 999 (ε = x_t): "
+        raise ConfigError("zero terminal SNR leaves an ε-model nothing to predict at t = 999 (ε = x_t): "
                          "pass --prediction-type v_prediction with --zero-terminal-snr")
     if cfg.v_weight_cap and not cfg.v_weight_cap >= 1:
-        raise ValueError(f"v_weight_cap must be 0 (off) or >= 1, got {cfg.v_weight_cap}")
+        raise ConfigError(f"v_weight_cap must be 0 (off) or >= 1, got {cfg.v_weight_cap}")
 
 
 def set_schedule(pipe: StableDiffusionPipeline, cfg: PretrainConfig) -> None:
