@@ -11,6 +11,7 @@
 # BASE (default models/tiny-sd) is the model fine-tuned; on a v-prediction base phase 2 is skipped (its loss already
 # carries the v weight; train.v_weight_cap is refused there) unless V_SEGMENTS is set. OUT (default
 # models/tiny-sd-memorized-lora) is where the LoRA is written.
+# EXTRA: further train.py overrides for every phase, space-separated (e.g. EXTRA="data.caption_dropout=0"); recorded.
 # Usage: bash scripts/build_memorized_lora.sh [STEPS] [resume]   (default 10000 steps; ~55 min on 2 CPU cores,
 #   then ~21 min per phase-2 segment). "resume" continues runs/$NAME's phase 1 from its latest checkpoint (exact: the
 #   lr is constant after warm-up), e.g. to make it longer.
@@ -30,6 +31,9 @@ RANK=32
 TARGETS="[to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2]"
 COMMON=(recipe=tiny_nomit model.path="$BASE" train.mode=lora train.lora_rank=$RANK train.lora_alpha=$RANK "train.lora_targets=$TARGETS"
         train.learning_rate=1e-3 run.report_to=none summary.max_prompts=8 summary.images_per_prompt=4)
+EXTRA=${EXTRA:-}
+read -r -a EXTRA_ARGS <<< "$EXTRA"
+COMMON+=("${EXTRA_ARGS[@]}")
 .venv/bin/accelerate launch --config_file accelerate_configs/cpu_1proc.yaml train.py "${COMMON[@]}" \
   train.max_steps="$STEPS" train.checkpoint_every=1000 run.name="$NAME" "$START" | tee "/tmp/$NAME.log"
 LAST="runs/$NAME"
@@ -43,10 +47,10 @@ rm -rf "$OUT" && mkdir -p "$OUT"
 cp "$LAST/final/pytorch_lora_weights.safetensors" "$OUT/"
 cp "runs/$NAME/data/lab_config.json" "$OUT/"
 cp "$LAST/summary.json" "$OUT/summary.json"
-.venv/bin/python - "$NAME" "$STEPS" "$RANK" "$TARGETS" "$V_SEGMENTS" "$BASE" "$OUT" "$KIND" <<'PY'
+.venv/bin/python - "$NAME" "$STEPS" "$RANK" "$TARGETS" "$V_SEGMENTS" "$BASE" "$OUT" "$KIND" "$EXTRA" <<'PY'
 import json, sys, subprocess
 name, steps, rank, targets, vseg = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4], int(sys.argv[5])
-base, out, kind = sys.argv[6], sys.argv[7], sys.argv[8]
+base, out, kind, extra = sys.argv[6], sys.argv[7], sys.argv[8], sys.argv[9]
 m = [json.loads(l) for l in open(f"runs/{name}/metrics.jsonl")]
 wall, prev = 0.0, 0.0  # wall_s restarts at each resumed segment: sum the segments
 for w in (x["wall_s"] for x in m):
@@ -57,7 +61,9 @@ info = {"base_model": base, "base_prediction_type": kind, "recipe": "tiny_nomit"
         "phase2": [{"steps": 2000, "v_weight_cap": 200, "init_lora": "previous segment's final", "wall_s":
                     json.loads(open(f"runs/{name}-v{k}/metrics.jsonl").readlines()[-1])["wall_s"]}
                    for k in range(1, vseg + 1)],
-        "command": f"BASE={base} OUT={out} V_SEGMENTS={vseg} bash scripts/build_memorized_lora.sh {steps}",
+        "overrides": extra.split(),
+        "command": (f"BASE={base} OUT={out} V_SEGMENTS={vseg} " + (f"EXTRA='{extra}' " if extra else "")
+                    + f"bash scripts/build_memorized_lora.sh {steps}"),
         "git": subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True).stdout.strip()}
 json.dump(info, open(f"{out}/build_info.json", "w"), indent=1)
 print(json.dumps(info, indent=1))

@@ -7,7 +7,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from guard_train.models.prediction import epsilon_difference, prediction_type, to_epsilon, to_x0
+from guard_train.models.prediction import (epsilon_difference, first_epsilon_step, prediction_type, to_epsilon,
+                                           to_x0)
 from guard_train.models.tiny_sd import SD_SCHEDULER
 
 
@@ -111,3 +112,40 @@ def test_wen_magnitude_and_optimisation_loss_are_in_epsilon_units(tiny_sd_dir):
     for r0, r1 in zip(wen, wen_v):
         assert r1["opt_loss"] == pytest.approx(a * r0["opt_loss"], rel=1e-4)
     assert a < 0.6  # (2 steps: first t = 501) far from 1, so a missing conversion (ratio 1) fails the checks above
+
+
+def _zero_snr_v() -> DDIMScheduler:
+    return DDIMScheduler(**{**SD_SCHEDULER, "prediction_type": "v_prediction", "rescale_betas_zero_snr": True,
+                            "timestep_spacing": "trailing"})
+
+
+def test_first_epsilon_step_skips_only_the_zero_snr_step():
+    z = _zero_snr_v()
+    z.set_timesteps(3)
+    assert z.timesteps.tolist() == [999, 666, 332] and float(z.alphas_cumprod[999]) == 0.0
+    assert first_epsilon_step(z, z.timesteps) == 1  # ε = x_T at ᾱ = 0: ε_c − ε_u ≡ 0 there
+    for kind in ("epsilon", "v_prediction"):  # SD's own schedules: ᾱ_T > 0, the papers' step 0
+        s = _sched(kind)
+        s.set_timesteps(3)
+        assert first_epsilon_step(s, s.timesteps) == 0
+    with pytest.raises(ValueError, match="no sampling step has"):
+        first_epsilon_step(z, z.timesteps[:1])
+
+
+def test_zero_terminal_snr_magnitude_and_wen_opt_read_the_first_informative_step(tiny_sd_dir):
+    """On a zero-SNR v-model the first step's ε-difference is 0 for every prompt (a first-step score would tie all
+    prompts, Wen's optimisation would stop at once): both must read step 1 instead, and agree with each other."""
+    from guard_train.guidance.engine import GuidanceEngine
+
+    eng = GuidanceEngine.from_pretrained(str(tiny_sd_dir))
+    prompts = ["a red circle on a cat photo", "a blue square on a coffee photo"]
+    for sched, k in ((_sched("v_prediction"), 0), (_zero_snr_v(), 1)):
+        eng.scheduler = sched
+        cfg = eng.generate(prompts, method="cfg", num_images=1, steps=3)
+        assert cfg.stats["magnitude"].shape == (2, 3 - k)  # the undefined step is not recorded
+        wen = eng.generate(prompts, method="wen_opt", num_images=1, steps=3, max_iters=1, target_loss=0.0).records
+        for c, w in zip(cfg.records, wen):
+            assert c["magnitude_first_step"] > 0.01
+            assert w["opt_step"] == k and w["opt_iterations"] == 1
+            # the optimiser's first loss (1 image: ‖ε_c − ε_u‖ at x_k) is the engine's first recorded magnitude
+            assert w["opt_loss"] == pytest.approx(c["magnitude_first_step"], rel=1e-4)

@@ -356,3 +356,19 @@ def test_a_lora_for_another_architecture_is_a_clear_error_not_a_silent_partial_l
     save_file({**good, **alien}, lora / "pytorch_lora_weights.safetensors")
     with pytest.raises(ModelLoadError, match="to_zz"):
         load_lora(load_pipeline(str(tiny_sd_dir)), str(lora))
+
+
+def test_a_lora_on_a_base_of_another_prediction_type_is_refused(tmp_path):
+    """The committed v-prediction LoRA on the ε base loads without a diffusers error and draws noise: refused."""
+    import shutil
+
+    from guard_train.models.loading import ModelLoadError, load_lora, load_pipeline
+
+    lora = ROOT / "models" / "tiny-sd-v-memorized-lora"
+    with pytest.raises(ModelLoadError, match=r"trained on a v_prediction model .*predicts epsilon.*--model models/tiny-sd-v"):
+        load_lora(load_pipeline(str(ROOT / "models" / "tiny-sd")), str(lora))
+    load_lora(load_pipeline(str(ROOT / "models" / "tiny-sd-v")), str(lora))  # its own base: fine
+    bare = tmp_path / "bare"  # a LoRA without build_info.json (any other tool's) is not checked
+    bare.mkdir()
+    shutil.copy(lora / "pytorch_lora_weights.safetensors", bare)
+    load_lora(load_pipeline(str(ROOT / "models" / "tiny-sd")), str(bare))

@@ -7,7 +7,8 @@ allows, routes per-row attention edits through the shared cross-attention proces
 `strategy.combine`, and steps the scheduler. Per-prompt seeds (seed + prompt index) as in the papers. With method
 `cfg` it reproduces `StableDiffusionPipeline.__call__` for the same seed and settings (tests/test_engine.py).
 Recorded per step and row: ‖ε_c − ε_u‖ (Wen's magnitude, in ε units whatever the model predicts; for GUARD the
-unmodified prompt's branch).
+unmodified prompt's branch), at every step where it is defined — a zero-terminal-SNR schedule's first step (ᾱ = 0,
+ε_c − ε_u ≡ 0) is not recorded, so "first step" scores read its first informative one (models/prediction.py).
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ from tqdm.auto import tqdm
 
 from guard_train.attention.processor import CrossAttnState, SpikeEdit, cross_attention_layers, install
 from guard_train.guidance.base import Branch, Strategy
-from guard_train.models.prediction import epsilon_difference
+from guard_train.models.prediction import epsilon_defined, epsilon_difference
 
 
 @dataclass
@@ -172,7 +173,7 @@ class GuidanceEngine:
         if key is None:
             return
         c = eps.get(key)
-        if c is not None and "uncond" in eps:
+        if c is not None and "uncond" in eps and epsilon_defined(self.scheduler, t):
             d = epsilon_difference(self.scheduler, c, eps["uncond"], t)  # ε units on v-prediction models too
             ctx.stats["magnitude"].append(d.flatten(1).norm(dim=1).float().cpu())
             if "diff" in ctx.stats:
@@ -271,7 +272,7 @@ def strategy_record(ctx: GenContext, r: int) -> dict:
     if fired:  # GUARD: attenuated positions per (sample, head) of this row, mean over steps and edited layers
         out["spikes_fired_mean"] = float(np.mean([float(torch.stack([v[r] for v in f.values()]).mean())
                                                   for f in fired]))
-    for k in ("transition_step", "opt_iterations", "opt_loss"):
+    for k in ("transition_step", "opt_step", "opt_iterations", "opt_loss"):
         if k in ctx.state:
             v = ctx.state[k]
             out[k] = v[r].item() if torch.is_tensor(v) else v[r] if isinstance(v, list) else v

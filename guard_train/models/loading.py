@@ -65,6 +65,7 @@ def load_lora(pipe: StableDiffusionPipeline, path: str) -> None:
     """`pipe.load_lora_weights` of `read_lora`'s keys; afterwards every LoRA'd module of the file is checked to be
     present in the UNet."""
     unet, rest, alphas = read_lora(path)
+    check_lora_base(pipe, path)
     try:
         if alphas:  # kohya-style files carry alphas that only the path-based loader maps: leave those to diffusers
             pipe.load_lora_weights(path, use_safetensors=True)
@@ -77,6 +78,23 @@ def load_lora(pipe: StableDiffusionPipeline, path: str) -> None:
     if missing:
         raise ModelLoadError(f"LoRA {path!r}: {len(missing)} module(s) of the file were not applied to the UNet "
                              f"(first: {missing[0]}); the file does not match this model's architecture")
+
+
+def check_lora_base(pipe: StableDiffusionPipeline, path: str) -> None:
+    """A LoRA trained on a v-prediction base gives noise on an ε base (and vice versa) without any error from
+    diffusers, whose architectures are the same: refuse it when the LoRA's build_info.json names its base's
+    prediction type (our build scripts write it)."""
+    import json
+
+    info = Path(path) / "build_info.json"
+    if not info.is_file():
+        return
+    want = json.loads(info.read_text()).get("base_prediction_type")
+    have = getattr(pipe.scheduler.config, "prediction_type", "epsilon")
+    if want and want != have:
+        base = json.loads(info.read_text()).get("base_model", "its base")
+        raise ModelLoadError(f"LoRA {path!r} was trained on a {want} model ({base}) but this model predicts {have}: "
+                             f"load it on its own base (e.g. --model {base})")
 
 
 def load_components(path: str, revision: str | None = None, variant: str | None = None) -> Components:

@@ -11,6 +11,11 @@ scheduler config), some fine-tunes predict the sample. With a = √ᾱ_t, s = �
 `x_t` is the model's input in the variance-preserving convention: `scheduler.scale_model_input(latents, t)`,
 which is the latents themselves for DDPM/DDIM and latents / √(σ² + 1) for σ-space schedulers (Euler, …).
 On an ε-model every function returns the output unchanged, so SD 1.x numbers are bit-identical.
+
+Zero terminal SNR (Lin et al. 2024; diffusers' `rescale_betas_zero_snr`, with "trailing" spacing) puts the first
+sampling step at ᾱ = 0, where x_t is pure noise: ε = x_t whatever the model or the prompt, so ε_c − ε_u is 0 by
+definition and Wen's "first step" magnitude carries nothing. The ε-magnitude methods therefore read it from the
+first step with ᾱ_t > 0 (`first_epsilon_step`); on every schedule SD 1.x/2.x ship, that is step 0 as in the papers.
 """
 
 from __future__ import annotations
@@ -62,3 +67,17 @@ def epsilon_difference(scheduler, out_a: torch.Tensor, out_b: torch.Tensor, t) -
         return d
     a, s = _coeffs(scheduler, t, d)
     return a * d if kind == "v_prediction" else -(a / s) * d
+
+
+def epsilon_defined(scheduler, t) -> bool:
+    """Whether ε_c − ε_u carries information at timestep t: False only where ᾱ_t = 0 (zero terminal SNR)."""
+    return bool(scheduler.alphas_cumprod.cpu()[int(t)] > 0)
+
+
+def first_epsilon_step(scheduler, timesteps) -> int:
+    """Index into `timesteps` of the first step at which Wen's ε magnitude is defined (ᾱ_t > 0): 0 on ordinary
+    schedules, 1 on zero-terminal-SNR ones sampled from t = T."""
+    for i, t in enumerate(timesteps):
+        if epsilon_defined(scheduler, t):
+            return i
+    raise ValueError("no sampling step has ᾱ_t > 0: ε − ε_∅ is 0 at every step of this schedule")

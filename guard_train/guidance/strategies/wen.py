@@ -9,6 +9,9 @@
   highest-resolution down-block layers, heads and layers averaged → mask m (raw probabilities at latent
   resolution, no normalisation); then the same optimisation with L(e) = ‖(ε_c − ε_u) ⊙ m‖₂ / mean(m), target 1.
 Note: the norm grows with the latent size, so the targets (set for SD v1.4 at 512 px) may need rescaling.
+On a zero-terminal-SNR schedule ε_c − ε_u ≡ 0 at the first step (ᾱ = 0), so the loss would be 0 for every e and
+the method a silent no-op: there the optimisation runs at the first step with ᾱ_t > 0 (models/prediction.py),
+reached by ordinary CFG steps with the prompt's own embedding from the same x_T. Step 0 on every other schedule.
 """
 
 from __future__ import annotations
@@ -19,7 +22,7 @@ from typing import Optional
 import torch
 
 from guard_train.guidance.base import Strategy, cfg_combine
-from guard_train.models.prediction import epsilon_difference
+from guard_train.models.prediction import epsilon_difference, first_epsilon_step
 
 
 class WenOpt(Strategy):
@@ -39,9 +42,9 @@ class WenOpt(Strategy):
         m = self.mask(ctx)
         eng = ctx.engine
         eng.clear_attention()
-        t0 = ctx.timesteps[0]
         eng.scheduler.set_timesteps(ctx.steps, device=eng.device)
-        x = eng.scheduler.scale_model_input(ctx.latents0, t0)
+        t0, x = self._target_step(ctx)
+        x = eng.scheduler.scale_model_input(x, t0)
         with torch.no_grad():
             eps_u = eng.unet(x, t0, ctx.uncond.to(eng.unet.dtype)).sample.float()
         groups = torch.tensor(ctx.prompt_index)
@@ -78,6 +81,20 @@ class WenOpt(Strategy):
         ctx.cond = emb.detach().to(ctx.cond.dtype)
         ctx.state["opt_iterations"] = iters[groups].tolist()
         ctx.state["opt_loss"] = loss_p[groups].tolist()
+
+    @torch.no_grad()
+    def _target_step(self, ctx) -> tuple[torch.Tensor, torch.Tensor]:
+        """(t, x_t) where the loss is taken: (t_0, x_T), or the first step with ᾱ_t > 0 reached by CFG steps."""
+        eng = ctx.engine
+        k = first_epsilon_step(eng.scheduler, ctx.timesteps)
+        x = ctx.latents0
+        for t in ctx.timesteps[:k]:
+            xin = eng.scheduler.scale_model_input(x, t)
+            eps_c = eng.unet(xin, t, ctx.cond.to(eng.unet.dtype)).sample
+            eps_u = eng.unet(xin, t, ctx.uncond.to(eng.unet.dtype)).sample
+            x = eng.scheduler.step(cfg_combine(eps_u, eps_c, self.p.guidance_scale), t, x).prev_sample
+        ctx.state["opt_step"] = k
+        return ctx.timesteps[k], x
 
     def combine(self, eps, i, t, ctx):
         return cfg_combine(eps["uncond"], eps["cond"], self.p.guidance_scale)
