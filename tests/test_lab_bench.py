@@ -1,10 +1,12 @@
 """`guard-train lab --size smoke`: every training and inference arm, 2 seeds, end to end (plumbing, not numbers)."""
 
 import json
+from pathlib import Path
 
 import pytest
 
-from guard_train.eval.lab_bench import INFER_ARMS, ROOT, TRAIN_ARMS, _slug, run_lab, verdict
+from guard_train.eval.lab_bench import (INFER_ARMS, ROOT, TRAIN_ARMS, _slug, infer_base, run_lab, verdict,
+                                        weights_fingerprint)
 
 
 def test_smoke_lab_runs_every_arm_and_reuses_finished_cells(tmp_path, tiny_sd_dir):
@@ -109,5 +111,23 @@ def test_inference_arms_on_the_committed_memorizing_lora_use_its_own_lab(tmp_pat
     cell = json.loads((out / "cells" / "infer__guard__s0.json").read_text())
     assert cell["key"]["infer_model"] == str(lora) and len(cell["key"]["infer_weights"]) == 16
     assert [cell["metrics"]["groups"][g]["n_images"] for g in ("duplicated", "unique", "held_out")] == [4, 4, 4]
-    assert set(res["table"]["infer"]) == {"cfg", "guard"} and "on the base, its own training lab" in \
-        (out / "lab-results.md").read_text()
+    assert set(res["table"]["infer"]) == {"cfg", "guard"} and "on its base `models/tiny-sd`, its own training lab" \
+        in (out / "lab-results.md").read_text()
+    assert cell["key"]["infer_base_weights"] == weights_fingerprint(ROOT / "models" / "tiny-sd")  # not tiny_sd_dir
+
+
+def test_inference_arms_load_a_lora_on_its_own_base(tmp_path):
+    """The v-prediction LoRA runs on models/tiny-sd-v whatever the training arms' --model; a LoRA whose recorded
+    base is missing is refused before anything is written."""
+    import shutil
+
+    v = ROOT / "models" / "tiny-sd-v-memorized-lora"
+    assert Path(infer_base(v, "models/tiny-sd")).resolve() == ROOT / "models" / "tiny-sd-v"
+    assert infer_base(None, "models/tiny-sd") == "models/tiny-sd"  # "plain": the plain arm's own model
+    bad = tmp_path / "lora"
+    shutil.copytree(v, bad)
+    info = json.loads((bad / "build_info.json").read_text())
+    (bad / "build_info.json").write_text(json.dumps({**info, "base_model": str(tmp_path / "gone")}))
+    with pytest.raises(ValueError, match="which is not a model directory here"):
+        run_lab("smoke", tmp_path / "out", infer_model=str(bad), progress=print)
+    assert not (tmp_path / "out").exists()

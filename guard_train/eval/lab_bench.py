@@ -61,7 +61,8 @@ class Size:
     gen_steps: int
     callback_images: int = 1
     extra: dict = field(default_factory=dict)
-    infer_model: str = "plain"  # inference arms' model: "plain" (the plain arm, per seed) or a LoRA dir on the base
+    infer_model: str = "plain"  # inference arms' model: "plain" (the plain arm, per seed) or a LoRA dir (on its
+    # own base, build_info.json's base_model; the training arms' base when it has none)
 
 
 SIZES = {
@@ -194,6 +195,22 @@ def _lora_dir(infer_model: str) -> Optional[Path]:
     return lora
 
 
+def infer_base(lora: Optional[Path], model: str) -> str:
+    """The inference arms' base: the LoRA's own (its build_info.json's base_model, e.g. the v-prediction pair's
+    models/tiny-sd-v) — a LoRA on another base draws noise — else the training arms' `model`."""
+    from guard_train.models.loading import lora_base_model
+
+    base = lora_base_model(str(lora)) if lora is not None else None
+    if base is None:
+        return model
+    p = Path(base)
+    found = p if p.is_absolute() or p.exists() else ROOT / p
+    if not (found / "model_index.json").exists():
+        raise ValueError(f"infer_model {str(lora)!r} was trained on {base!r} (its build_info.json), which is not a "
+                         f"model directory here; restore it or give another LoRA")
+    return str(found)
+
+
 def infer_source(lora: Optional[Path], out: Path) -> tuple[Optional[Path], str]:
     """For a LoRA dir: (its training lab written under out/infer_lab, a fingerprint of its weights). The lab is
     rebuilt from the LoRA's lab_config.json (the lab is deterministic from its config)."""
@@ -271,6 +288,7 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
     if unknown:
         raise ValueError(f"unknown arm(s) {unknown}; training arms: {list(TRAIN_ARMS)}; inference: {list(INFER_ARMS)}")
     lora = _lora_dir(size.infer_model)  # checked before anything is written
+    base = infer_base(lora, model)  # likewise
     cells_dir = Path(cells_dir) if cells_dir else out / "cells"
     out.mkdir(parents=True, exist_ok=True)
     infer_data, infer_fp = infer_source(lora, out)
@@ -283,6 +301,8 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
     key = {**{k: v for k, v in _jsonable(size.__dict__).items() if k != "seeds"},
            "model_weights": weights_fingerprint(Path(model)), "backend": embedder.name}
     infer_key = {**key, "infer_weights": infer_fp}  # a rebuilt LoRA invalidates the inference cells
+    if Path(base).resolve() != Path(model).resolve():  # a LoRA of another base: that base's weights too
+        infer_key["infer_base_weights"] = weights_fingerprint(Path(base))
     cells, reused = [], 0
 
     def cell(kind: str, arm: str, seed: int, make, needs_model: bool = False) -> dict:
@@ -317,7 +337,7 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
             def make(m=m, src=src, data=data, seed=seed):
                 if src not in engines:
                     engines.clear()  # a previous seed's plain model is not needed again
-                    engines[src] = infer_engine(model, src) if lora else infer_engine(src)
+                    engines[src] = infer_engine(base, src) if lora else infer_engine(src)
                 return run_infer_cell(size, m, seed, out, data, engines[src], embedder, aligner)
 
             cells.append(cell("infer", m, seed, make))
@@ -413,6 +433,13 @@ def _fmt(s: Optional[dict], pct: bool = False) -> str:
     return f"{f(s['mean'])} ± {f(s['std'])}"
 
 
+def _base_name(cfg: dict) -> str:
+    from guard_train.models.loading import lora_base_model
+
+    base = lora_base_model(str(ROOT / cfg["infer_model"])) if cfg.get("infer_model", "plain") != "plain" else None
+    return f"its base `{base}`" if base else "the base"
+
+
 def markdown(results: dict, out: Path) -> str:
     t, b = results["table"], results["backend"]
     cfg = results["config"]
@@ -423,7 +450,7 @@ def markdown(results: dict, out: Path) -> str:
              f"Values: mean ± std over seeds. Machine: {results['machine']}; versions: "
              + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".", ""]
     im = cfg.get("infer_model", "plain")
-    on = "the plain arm's model of each seed" if im == "plain" else f"`{im}` on the base, its own training lab"
+    on = "the plain arm's model of each seed" if im == "plain" else f"`{im}` on {_base_name(cfg)}, its own training lab"
     train_title = ("Training arms (recipe `tiny_nomit` + the arm's mitigations: full UNet fine-tune — LoRA arms not "
                    "run on this CPU; generation: CFG)")
     for kind, title, cost in (("train", train_title, "cost_vs_plain"),

@@ -80,6 +80,14 @@ def load_lora(pipe: StableDiffusionPipeline, path: str) -> None:
                              f"(first: {missing[0]}); the file does not match this model's architecture")
 
 
+def lora_base_model(path: str) -> str | None:
+    """The base a LoRA was trained on, as its build_info.json records it (our build scripts write one), else None."""
+    import json
+
+    info = Path(path) / "build_info.json"
+    return json.loads(info.read_text()).get("base_model") if info.is_file() else None
+
+
 def check_lora_base(pipe: StableDiffusionPipeline, path: str) -> None:
     """A LoRA trained on a v-prediction base gives noise on an ε base (and vice versa) without any error from
     diffusers, whose architectures are the same: refuse it when the LoRA's build_info.json names its base's
@@ -92,7 +100,7 @@ def check_lora_base(pipe: StableDiffusionPipeline, path: str) -> None:
     want = json.loads(info.read_text()).get("base_prediction_type")
     have = getattr(pipe.scheduler.config, "prediction_type", "epsilon")
     if want and want != have:
-        base = json.loads(info.read_text()).get("base_model", "its base")
+        base = lora_base_model(path) or "its base"
         raise ModelLoadError(f"LoRA {path!r} was trained on a {want} model ({base}) but this model predicts {have}: "
                              f"load it on its own base (e.g. --model {base})")
 
