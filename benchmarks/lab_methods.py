@@ -1,11 +1,13 @@
 """Every inference method at its defaults on a model fine-tuned to memorize the lab's planted duplicates.
 
-    python benchmarks/lab_methods.py --lora models/tiny-sd-memorized-lora [--images 4] [--steps 50]
+    python benchmarks/lab_methods.py --lora models/tiny-sd-memorized-lora [--images 4] [--steps 50] [--guidance 3]
 
 The lab is rebuilt from the LoRA's `lab_config.json` (the exact set it was trained on). Prompts: every duplicated
 caption and as many unique ones. Per method: copy rate (SSCD top-1 against every training image > 0.5, and > the
 lab-calibrated threshold), "own" copies (nearest training image is the prompt's own), SSCD top-1 median, lab
 alignment (attribute classifier — not CLIP), wall time ÷ CFG. Writes JSON and one image grid per method.
+`--guidance W` sets every method's CFG scale (`guidance_scale`; each method's other parameters stay at their
+defaults), e.g. where a memorizing model copies most; default: each method's own (7.5).
 """
 
 import argparse
@@ -38,9 +40,11 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--guidance", type=float, default=None, help="every method's guidance_scale (default: its own)")
     ap.add_argument("--out", default="docs/measurements/lab_methods.json")
     ap.add_argument("--figures", default="docs/figures")
     a = ap.parse_args()
+    Path(a.figures).mkdir(parents=True, exist_ok=True)
     ll = LoraLab(a.lora)
     lab_cfg, lab = ll.config, ll.lab
     calib = json.loads((ROOT / "docs/measurements/lab_calibration_sscd.json").read_text())
@@ -56,7 +60,8 @@ def main() -> int:
     results = {}
     for m in a.methods.split(","):
         t0 = time.perf_counter()
-        res = eng.generate(prompts, method=m, num_images=a.images, steps=a.steps, seed=0)
+        scale = {} if a.guidance is None else {"guidance_scale": a.guidance}
+        res = eng.generate(prompts, method=m, num_images=a.images, steps=a.steps, seed=0, **scale)
         wall = time.perf_counter() - t0
         sims = emb.embed(res.images) @ e_train.T
         top1, nn = sims.max(1), np.array(keys)[sims.argmax(1)]
@@ -79,7 +84,8 @@ def main() -> int:
         results[m]["wall_ratio_vs_cfg"] = round(results[m]["wall_s"] / base, 3) if base else None
     out = {"copy_metric": emb.name, "lab_threshold": calib["lab_threshold"], "alignment": aligner.name,
            "prompts": {"duplicated": len(dup), "unique": len(uniq)}, "images_per_prompt": a.images,
-           "steps": a.steps, "lab_config": lab_cfg, "results": results}
+           "steps": a.steps, "guidance_scale": a.guidance or "each method's default", "model": a.model,
+           "lora": a.lora, "lab_config": lab_cfg, "results": results}
     return emit(out, a.out)
 
 

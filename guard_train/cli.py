@@ -82,7 +82,7 @@ def _lab(args) -> int:
     try:
         res = run_lab(args.size, out, [int(x) for x in split(args.seeds)] or None, split(args.arms) or None,
                       split(args.methods) or None, resolve_model_path(args.model), args.backend,
-                      infer_model=args.infer_model or None, cells_dir=cells)
+                      infer_model=args.infer_model or None, cells_dir=cells, infer_guidance=args.infer_guidance)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
@@ -200,9 +200,12 @@ def main(argv: list[str] | None = None) -> int:
     lb.add_argument("--methods", default="", help="inference arms, comma-separated (default: all)")
     lb.add_argument("--model", default="models/tiny-sd")
     lb.add_argument("--backend", default="sscd")
-    lb.add_argument("--infer-model", default="", help="inference arms' model: a LoRA dir on --model, or 'plain' (the "
+    lb.add_argument("--infer-model", default="", help="inference arms' model: a LoRA dir (on the base its "
+                                                      "build_info.json names, else --model), or 'plain' (the "
                                                       "plain arm of each seed); default: the size's (full: "
                                                       "models/tiny-sd-memorized-lora, smoke: plain)")
+    lb.add_argument("--infer-guidance", type=float, default=None,
+                    help="every inference method's guidance_scale (default: each method's own, 7.5)")
     lb.add_argument("--docs", action="store_true", help="also write docs/lab-results.md, docs/figures/lab_*.png and "
                                                          "README's headline table; cells in docs/measurements/lab_cells")
     lb.add_argument("--cells", default="", help="where finished (arm, seed) cells are kept and reused (default: "

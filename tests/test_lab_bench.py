@@ -114,6 +114,16 @@ def test_inference_arms_on_the_committed_memorizing_lora_use_its_own_lab(tmp_pat
     assert set(res["table"]["infer"]) == {"cfg", "guard"} and "on its base `models/tiny-sd`, its own training lab" \
         in (out / "lab-results.md").read_text()
     assert cell["key"]["infer_base_weights"] == weights_fingerprint(ROOT / "models" / "tiny-sd")  # not tiny_sd_dir
+    # --infer-guidance: only the inference cells are remade (the plain training cell is reused), keyed by it
+    before = cell["metrics"]["groups"]["duplicated"]["top1_mean"]
+    res = run_lab("smoke", out, seeds=[0], arms=["plain"], methods=["guard"], model=str(tiny_sd_dir),
+                  infer_model=str(lora), infer_guidance=3.0, progress=lambda *_: None)
+    cell = json.loads((out / "cells" / "infer__guard__s0.json").read_text())
+    assert cell["key"]["infer_guidance"] == 3.0 and res["cells_reused"] == 1
+    assert cell["metrics"]["groups"]["duplicated"]["top1_mean"] != before
+    assert "every method at guidance scale 3" in (out / "lab-results.md").read_text()
+    with pytest.raises(ValueError, match="infer_guidance must be > 0"):
+        run_lab("smoke", tmp_path / "bad2", infer_model=str(lora), infer_guidance=0.0, progress=print)
 
 
 def test_inference_arms_load_a_lora_on_its_own_base(tmp_path):

@@ -63,6 +63,7 @@ class Size:
     extra: dict = field(default_factory=dict)
     infer_model: str = "plain"  # inference arms' model: "plain" (the plain arm, per seed) or a LoRA dir (on its
     # own base, build_info.json's base_model; the training arms' base when it has none)
+    infer_guidance: Optional[float] = None  # every inference method's guidance_scale; None = each method's own (7.5)
 
 
 SIZES = {
@@ -115,11 +116,12 @@ def _overrides(size: Size, arm: str, seed: int, out: Path, model: str) -> list[s
     return [f"{k}={v}" for k, v in kv.items()]
 
 
-def _measure(engine, method: str, ref, pset, size: Size, seed: int, embedder, aligner) -> tuple[dict, np.ndarray]:
+def _measure(engine, method: str, ref, pset, size: Size, seed: int, embedder, aligner,
+             **params) -> tuple[dict, np.ndarray]:
     from guard_train.eval.evaluate import generate_distributed, score
 
     images, _, wall, extras = generate_distributed(engine, pset, method, size.images_per_prompt, size.gen_steps,
-                                                   seed, None, detect=True)
+                                                   seed, None, detect=True, **params)
     metrics, _ = score(images, pset, ref, embedder, size.images_per_prompt, 0.5, aligner, extras=extras)
     metrics["gen_wall_s"] = wall
     return metrics, images
@@ -246,9 +248,10 @@ def run_infer_cell(size: Size, method: str, seed: int, out: Path, data_dir: Path
     t0 = time.perf_counter()
     ref, pset = lab_reference_and_prompts(data_dir, size.prompts_per_group, 0)
     cfg_wall = None
+    params = {} if size.infer_guidance is None else {"guidance_scale": size.infer_guidance}
     if method != "cfg":  # its own CFG reference in the same process, just before: a ratio, not an absolute time
-        cfg_wall = _measure(engine, "cfg", ref, pset, size, seed, embedder, aligner)[0]["gen_wall_s"]
-    metrics, images = _measure(engine, method, ref, pset, size, seed, embedder, aligner)
+        cfg_wall = _measure(engine, "cfg", ref, pset, size, seed, embedder, aligner, **params)[0]["gen_wall_s"]
+    metrics, images = _measure(engine, method, ref, pset, size, seed, embedder, aligner, **params)
     if seed == size.seeds[0]:
         _save_grid(images, pset, ref, size, out / "grids" / f"infer_{_slug(method)}.png")
     ratio = 1.0 if cfg_wall is None else metrics["gen_wall_s"] / cfg_wall
@@ -270,7 +273,8 @@ def _finished(path: Path, key: dict) -> Optional[dict]:
 
 def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: Optional[list[str]] = None,
             methods: Optional[list[str]] = None, model: str = "models/tiny-sd", backend: str = "sscd",
-            progress=print, infer_model: Optional[str] = None, cells_dir: Optional[Path] = None) -> dict:
+            progress=print, infer_model: Optional[str] = None, cells_dir: Optional[Path] = None,
+            infer_guidance: Optional[float] = None) -> dict:
     """Every cell of the size (reusing finished ones from `cells_dir`, default `out/cells`), then the tables,
     plots and grids under `out`."""
     from guard_train.eval.summary import SCORER_DIR
@@ -282,6 +286,10 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
         size = replace(size, seeds=tuple(seeds))
     if infer_model:
         size = replace(size, infer_model=infer_model)
+    if infer_guidance is not None:
+        if not infer_guidance > 0:
+            raise ValueError(f"infer_guidance must be > 0, got {infer_guidance}")
+        size = replace(size, infer_guidance=infer_guidance)
     arms = arms or list(TRAIN_ARMS)
     methods = methods or list(INFER_ARMS)
     unknown = [a for a in arms if a not in TRAIN_ARMS] + [m for m in methods if m not in INFER_ARMS]
@@ -298,9 +306,12 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
     aligner = LabAligner.load(SCORER_DIR) if (SCORER_DIR / "model.safetensors").exists() else None
     t_start = time.perf_counter()
     # a cell is reused only if it was made with the same settings (size minus the seed list, weights, backend)
-    key = {**{k: v for k, v in _jsonable(size.__dict__).items() if k != "seeds"},
+    # (infer_guidance only in the inference cells' key, and only when set: cells made before it existed stay valid)
+    key = {**{k: v for k, v in _jsonable(size.__dict__).items() if k not in ("seeds", "infer_guidance")},
            "model_weights": weights_fingerprint(Path(model)), "backend": embedder.name}
     infer_key = {**key, "infer_weights": infer_fp}  # a rebuilt LoRA invalidates the inference cells
+    if size.infer_guidance is not None:
+        infer_key["infer_guidance"] = size.infer_guidance
     if Path(base).resolve() != Path(model).resolve():  # a LoRA of another base: that base's weights too
         infer_key["infer_base_weights"] = weights_fingerprint(Path(base))
     cells, reused = [], 0
@@ -433,6 +444,11 @@ def _fmt(s: Optional[dict], pct: bool = False) -> str:
     return f"{f(s['mean'])} ± {f(s['std'])}"
 
 
+def _guidance(cfg: dict) -> str:
+    g = cfg.get("infer_guidance")
+    return "each method's own guidance scale, 7.5" if g is None else f"every method at guidance scale {g:g}"
+
+
 def _base_name(cfg: dict) -> str:
     from guard_train.models.loading import lora_base_model
 
@@ -454,7 +470,7 @@ def markdown(results: dict, out: Path) -> str:
     train_title = ("Training arms (recipe `tiny_nomit` + the arm's mitigations: full UNet fine-tune — LoRA arms not "
                    "run on this CPU; generation: CFG)")
     for kind, title, cost in (("train", train_title, "cost_vs_plain"),
-                              ("infer", f"Inference arms (on {on})", "cost_vs_cfg")):
+                              ("infer", f"Inference arms (on {on}; {_guidance(cfg)})", "cost_vs_cfg")):
         lines += [f"### {title}", "",
                   f"| arm | copy rate dup ({b}>0.5) | copy rate unique | copy rate dup (lab thr.) | top-1 p95 dup | "
                   f"top-1 mean dup | LS dup | alignment dup | diversity dup | {cost.replace('_', ' ')} | "
