@@ -54,5 +54,7 @@ def test_the_committed_memorizing_lora_copies_its_duplicates_from_noise(probe):
 
 
 def test_guard_removes_the_copies_cfg_makes(probe):
+    """At its default repulsion (λ_rep 2, set beside w₊ 7.5) GUARD removes them, but at w₊ 3 by leaving the caption:
+    lab alignment 0.05 vs CFG's 0.57 (docs/inference.md) — this pins the copy count, it is not a free win."""
     dup_own, unique_any = probe("guard")
     assert dup_own <= 1 and unique_any == 0, (dup_own, unique_any)
