@@ -66,6 +66,9 @@ def test_verdict_judges_copy_rate_top1_and_alignment_each_beyond_the_seed_spread
     ref0 = {"duplicated.copy_rate": {"mean": 0.0, "std": 0.0}, "duplicated.top1_mean": {"mean": 0.6, "std": 0.01}}
     assert verdict(zero, ref0)["copy_rate"] == "no copies either side"
     assert verdict(zero, ref0)["top1_mean"] == "lower (helps)"
+    one = {k: {**v, "n": 1} for k, v in zero.items()}  # one seed: no spread to be beyond
+    assert verdict(one, ref0) == {"copy_rate": "no copies either side", "top1_mean": "one seed: no verdict",
+                                  "alignment": "n/a"}
 
 
 def test_readme_headline_table_is_replaced_between_its_markers():

@@ -423,6 +423,8 @@ def effect(stats: dict, ref: dict, key: str) -> str:
         return "n/a"
     if key.endswith("copy_rate") and a["mean"] == 0 and b["mean"] == 0:
         return "no copies either side"
+    if min(a.get("n", 2), b.get("n", 2)) < 2:  # std is 0 by construction: any difference would look "beyond" it
+        return "one seed: no verdict"
     gap, spread = a["mean"] - b["mean"], (a["std"] or 0) + (b["std"] or 0)
     good_if_lower = not key.endswith("lab_alignment")
     if gap < -spread:
