@@ -71,7 +71,8 @@ def epsilon_difference(scheduler, out_a: torch.Tensor, out_b: torch.Tensor, t) -
 
 def epsilon_defined(scheduler, t) -> bool:
     """Whether ε_c − ε_u carries information at timestep t: False only where ᾱ_t = 0 (zero terminal SNR)."""
-    return bool(scheduler.alphas_cumprod.cpu()[int(t)] > 0)
+    ac = getattr(scheduler, "alphas_cumprod", None)  # σ-only schedulers carry none: no ᾱ = 0 step to skip
+    return True if ac is None else bool(ac.cpu()[int(t)] > 0)
 
 
 def first_epsilon_step(scheduler, timesteps) -> int:
