@@ -184,12 +184,17 @@ def infer_engine(model: str, lora: Optional[str] = None):
     return GuidanceEngine(pipe)
 
 
+def _repo_path(path: str) -> Path:
+    """A relative path from the cwd when it exists there, else from the repo (where models/ lives)."""
+    p = Path(path)
+    return p if p.is_absolute() or p.exists() else ROOT / p
+
+
 def _lora_dir(infer_model: str) -> Optional[Path]:
     """None for "plain"; else the LoRA dir (relative paths: from the cwd, else from the repo), validated."""
     if infer_model == "plain":
         return None
-    p = Path(infer_model)
-    lora = p if p.is_absolute() or p.exists() else ROOT / p
+    lora = _repo_path(infer_model)
     if not (lora / "pytorch_lora_weights.safetensors").exists() or not (lora / "lab_config.json").exists():
         raise ValueError(f"infer_model {infer_model!r}: expected a LoRA dir with pytorch_lora_weights.safetensors and "
                          f"the lab_config.json of its training lab (as scripts/build_memorized_lora.sh writes), or "
@@ -205,8 +210,7 @@ def infer_base(lora: Optional[Path], model: str) -> str:
     base = lora_base_model(str(lora)) if lora is not None else None
     if base is None:
         return model
-    p = Path(base)
-    found = p if p.is_absolute() or p.exists() else ROOT / p
+    found = _repo_path(base)
     if not (found / "model_index.json").exists():
         raise ValueError(f"infer_model {str(lora)!r} was trained on {base!r} (its build_info.json), which is not a "
                          f"model directory here; restore it or give another LoRA")
@@ -454,7 +458,7 @@ def _guidance(cfg: dict) -> str:
 def _base_name(cfg: dict) -> str:
     from guard_train.models.loading import lora_base_model
 
-    base = lora_base_model(str(ROOT / cfg["infer_model"])) if cfg.get("infer_model", "plain") != "plain" else None
+    base = lora_base_model(str(_repo_path(cfg["infer_model"]))) if cfg.get("infer_model", "plain") != "plain" else None
     return f"its base `{base}`" if base else "the base"
 
 

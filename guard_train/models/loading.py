@@ -80,27 +80,28 @@ def load_lora(pipe: StableDiffusionPipeline, path: str) -> None:
                              f"(first: {missing[0]}); the file does not match this model's architecture")
 
 
-def lora_base_model(path: str) -> str | None:
-    """The base a LoRA was trained on, as its build_info.json records it (our build scripts write one), else None."""
+def _build_info(path: str) -> dict:
+    """A LoRA dir's build_info.json (our build scripts write one), or {} for any other LoRA."""
     import json
 
     info = Path(path) / "build_info.json"
-    return json.loads(info.read_text()).get("base_model") if info.is_file() else None
+    return json.loads(info.read_text()) if info.is_file() else {}
+
+
+def lora_base_model(path: str) -> str | None:
+    """The base a LoRA was trained on, as its build_info.json records it, else None."""
+    return _build_info(path).get("base_model")
 
 
 def check_lora_base(pipe: StableDiffusionPipeline, path: str) -> None:
     """A LoRA trained on a v-prediction base gives noise on an ε base (and vice versa) without any error from
     diffusers, whose architectures are the same: refuse it when the LoRA's build_info.json names its base's
-    prediction type (our build scripts write it)."""
-    import json
-
-    info = Path(path) / "build_info.json"
-    if not info.is_file():
-        return
-    want = json.loads(info.read_text()).get("base_prediction_type")
+    prediction type."""
+    info = _build_info(path)
+    want = info.get("base_prediction_type")
     have = getattr(pipe.scheduler.config, "prediction_type", "epsilon")
     if want and want != have:
-        base = lora_base_model(path) or "its base"
+        base = info.get("base_model", "its base")
         raise ModelLoadError(f"LoRA {path!r} was trained on a {want} model ({base}) but this model predicts {have}: "
                              f"load it on its own base (e.g. --model {base})")
 
