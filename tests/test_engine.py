@@ -223,9 +223,9 @@ def test_two_pass_methods_reuse_the_initial_noise(engine, monkeypatch):
     seen = []
     real = GuidanceEngine.run
 
-    def spy(self, ctx, strategy, latents=None, progress=False):
+    def spy(self, ctx, strategy, latents=None, progress=False, **kw):
         seen.append((strategy.name, (ctx.latents0 if latents is None else latents).clone()))
-        return real(self, ctx, strategy, latents, progress)
+        return real(self, ctx, strategy, latents, progress, **kw)
 
     monkeypatch.setattr(GuidanceEngine, "run", spy)
     for m, probe in (("opposite_dynamic", "probe"), ("be_opt", "be_baseline")):
@@ -243,3 +243,20 @@ def test_outputs_do_not_depend_on_batch_companions(engine):
         both = engine.generate(PROMPTS, method=m, num_images=2, steps=3, seeds=[11, 22])
         alone = engine.generate(PROMPTS[1:], method=m, num_images=2, steps=3, seeds=[22])
         assert np.abs(both.images[2:].astype(int) - alone.images.astype(int)).max() <= 1, m
+
+
+def test_prepasses_stop_early_and_record_nothing(engine):
+    """run(stop=k) is the first k steps of the full loop; record=False leaves the detection statistics alone, so a
+    two-pass method records exactly one magnitude per step of its own generation (not its probe's)."""
+    from guard_train.guidance.strategies.cfg import CFG
+
+    ctx = engine._context(PROMPTS, [0, 1], PROMPTS, 1, [5, 6], 4, None, None)
+    part = engine.run(ctx, CFG(), stop=2, record=False)
+    assert ctx.stats["magnitude"] == []
+    rest = engine.run(ctx, CFG(), stop=2)
+    assert torch.allclose(part, rest) and len(ctx.stats["magnitude"]) == 2
+    full = engine.run(ctx, CFG())
+    assert len(ctx.stats["magnitude"]) == 2 + 4 and not torch.allclose(part, full)
+    for m in ("opposite_dynamic", "be_opt"):
+        res = engine.generate(PROMPTS, method=m, num_images=1, steps=3, seed=4)
+        assert res.stats["magnitude"].shape == (2, 3), m

@@ -154,14 +154,19 @@ class GuidanceEngine:
     # -- the loop ------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def run(self, ctx: GenContext, strategy: Strategy, latents: Optional[torch.Tensor] = None,
-            progress: bool = False) -> torch.Tensor:
-        """Denoise from ctx.latents0 (or `latents`) with `strategy`; returns final latents. Probe passes call this."""
+            progress: bool = False, stop: Optional[int] = None, record: bool = True) -> torch.Tensor:
+        """Denoise from ctx.latents0 (or `latents`) with `strategy`; returns the latents after `stop` steps (all by
+        default). Probe and pre-passes (Jain's probe, Bright Ending's baseline, Wen's steps to its target) call this
+        with record=False, so their predictions do not enter the detection statistics or the spike counts; the
+        last step's captured maps are still kept in ctx.state["last_maps"] (Bright Ending reads its mask there)."""
         self.scheduler.set_timesteps(ctx.steps, device=self.device)
         x = (ctx.latents0 if latents is None else latents).clone()
-        for i, t in enumerate(tqdm(self.scheduler.timesteps, disable=not progress, desc=strategy.name)):
+        timesteps = self.scheduler.timesteps[:stop]
+        for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=strategy.name)):
             eps = self.predict(x, t, strategy.branches(i, int(t), ctx), strategy)
-            self._record(eps, ctx, t)
-            if self.attn is not None and self.last_fired:
+            if record:
+                self._record(eps, ctx, t)
+            if record and self.attn is not None and self.last_fired:
                 ctx.state.setdefault("spikes_per_step", []).append(self.last_fired)
             if self.attn is not None and self.last_maps:
                 ctx.state["last_maps"] = (self.last_names, self.last_maps)  # only the last step's are kept

@@ -100,10 +100,7 @@ class OppositeDynamic(Strategy):
         opposite_scale: float = 7.5
 
     def prepare(self, ctx):
-        probe_stats = ctx.stats["magnitude"]
-        ctx.stats["magnitude"] = []
-        ctx.engine.run(ctx, _Probe())  # costs one extra full trajectory
-        ctx.stats["magnitude"] = probe_stats
+        ctx.engine.run(ctx, _Probe(), record=False)  # costs one extra full trajectory
         ctx.state["transition_step"] = first_local_minimum(torch.stack(ctx.state.pop("probe_d"), 1))
 
     def combine(self, eps, i, t, ctx):

@@ -82,17 +82,11 @@ class WenOpt(Strategy):
         ctx.state["opt_iterations"] = iters[groups].tolist()
         ctx.state["opt_loss"] = loss_p[groups].tolist()
 
-    @torch.no_grad()
     def _target_step(self, ctx) -> tuple[torch.Tensor, torch.Tensor]:
         """(t, x_t) where the loss is taken: (t_0, x_T), or the first step with ᾱ_t > 0 reached by CFG steps."""
         eng = ctx.engine
         k = first_epsilon_step(eng.scheduler, ctx.timesteps)
-        x = ctx.latents0
-        for t in ctx.timesteps[:k]:
-            xin = eng.scheduler.scale_model_input(x, t)
-            eps_c = eng.unet(xin, t, ctx.cond.to(eng.unet.dtype)).sample
-            eps_u = eng.unet(xin, t, ctx.uncond.to(eng.unet.dtype)).sample
-            x = eng.scheduler.step(cfg_combine(eps_u, eps_c, self.p.guidance_scale), t, x).prev_sample
+        x = eng.run(ctx, _Baseline(self.p.guidance_scale, set()), stop=k, record=False) if k else ctx.latents0
         ctx.state["opt_step"] = k
         return ctx.timesteps[k], x
 
@@ -137,10 +131,7 @@ class BrightEndingOpt(WenOpt):
         layers = {l for l in eng.layers if l.startswith("down_blocks.0.")}  # the two highest-resolution layers
         if not layers:
             raise ValueError("be_opt needs cross-attention in down_blocks.0 (the highest-resolution layers)")
-        keep = ctx.stats["magnitude"]
-        ctx.stats["magnitude"] = []
-        eng.run(ctx, _Baseline(self.p.guidance_scale, layers))  # the baseline pass (costs one generation)
-        ctx.stats["magnitude"] = keep
+        eng.run(ctx, _Baseline(self.p.guidance_scale, layers), record=False)  # the baseline pass (one generation)
         names, maps = ctx.state.pop("last_maps")
         R = ctx.rows
         k = names.index("cond")
