@@ -11,6 +11,7 @@
 # BASE (default models/tiny-sd) is the model fine-tuned; on a v-prediction base phase 2 is skipped (its loss already
 # carries the v weight; train.v_weight_cap is refused there) unless V_SEGMENTS is set. OUT (default
 # models/tiny-sd-memorized-lora) is where the LoRA is written.
+# CKPT_EVERY (default 1000): steps between phase-1 checkpoints (for `guard-train eval --run` or detect per checkpoint).
 # EXTRA: further train.py overrides for every phase, space-separated (e.g. EXTRA="data.caption_dropout=0"); recorded.
 # Usage: bash scripts/build_memorized_lora.sh [STEPS] [resume]   (default 10000 steps; ~55 min on 2 CPU cores,
 #   then ~21 min per phase-2 segment). "resume" continues runs/$NAME's phase 1 from its latest checkpoint (exact: the
@@ -25,6 +26,8 @@ KIND=$(.venv/bin/python -c "import json,sys; print(json.load(open(sys.argv[1])).
        "$BASE/scheduler/scheduler_config.json")
 if [ "$KIND" = v_prediction ]; then V_SEGMENTS=${V_SEGMENTS:-0}; else V_SEGMENTS=${V_SEGMENTS:-1}; fi
 OUT=${OUT:-models/tiny-sd-memorized-lora}
+# OUT is emptied before the LoRA is copied there: it must not be the run dir the LoRA is copied from
+[ "$(realpath -m "$OUT")" != "$(realpath -m "runs/$NAME")" ] || { echo "OUT=$OUT is the training run dir runs/$NAME: choose another OUT (or NAME)" >&2; exit 2; }
 START=run.overwrite=true
 [ "${2:-}" = resume ] && START=resume=latest
 RANK=32
@@ -35,7 +38,7 @@ EXTRA=${EXTRA:-}
 read -r -a EXTRA_ARGS <<< "$EXTRA"
 COMMON+=("${EXTRA_ARGS[@]}")
 .venv/bin/accelerate launch --config_file accelerate_configs/cpu_1proc.yaml train.py "${COMMON[@]}" \
-  train.max_steps="$STEPS" train.checkpoint_every=1000 run.name="$NAME" "$START" | tee "/tmp/$NAME.log"
+  train.max_steps="$STEPS" train.checkpoint_every="${CKPT_EVERY:-1000}" run.name="$NAME" "$START" | tee "/tmp/$NAME.log"
 LAST="runs/$NAME"
 for k in $(seq 1 "$V_SEGMENTS"); do
   .venv/bin/accelerate launch --config_file accelerate_configs/cpu_1proc.yaml train.py "${COMMON[@]}" \
