@@ -58,6 +58,25 @@ def test_pretrain_and_lab_cells_are_disjoint():
                 assert a.y + a.size <= b.y or b.y + b.size <= a.y or a.x + a.size <= b.x or b.x + b.size <= a.x
 
 
+def test_cell_split_cuts_lab_cells_into_disjoint_sub_cells():
+    whole, sub = photos.cells("lab"), photos.cells("lab", 2)
+    assert len(sub) == 4 * len(whole)
+    for k, c in enumerate(whole):  # the 4 sub-cells of cell k tile its top-left 2s x 2s square, inside the cell
+        quad = sub[4 * k : 4 * k + 4]
+        s = c.size // 2
+        assert {(q.photo, q.y, q.x, q.size) for q in quad} == {
+            (c.photo, c.y + i * s, c.x + j * s, s) for i in (0, 1) for j in (0, 1)
+        }
+    lab = build_lab(LabConfig(num_instances=150, held_out=10, dup_fraction=0.04, dup_repeats=4, cell_split=2))
+    cells = [tuple(it.cell) + (it.photo,) for it in lab.items if it.copy_kind == "original"]
+    cells += [tuple(it.cell) + (it.photo,) for it in lab.held_out]
+    assert len(cells) == 160 and len(set(cells)) == 160  # more instances than cells, one sub-cell each
+    assert sum(it.is_dup for it in lab.items) == 6 * 4
+    # the default (cell_split=1) is the lab every committed model was trained on
+    a, b = build_lab(LabConfig(num_instances=8, held_out=2)), build_lab(LabConfig(num_instances=8, held_out=2, cell_split=1))
+    assert all(np.array_equal(x, y) for x, y in zip(a.images, b.images))
+
+
 def test_pretrain_stream_resumes():
     full = list(islice(pretrain_stream(3), 10))
     tail = list(islice(pretrain_stream(3, start=6), 4))
@@ -67,3 +86,8 @@ def test_pretrain_stream_resumes():
 def test_validation():
     with pytest.raises(ValueError, match="num_instances"):
         LabConfig(num_instances=10_000).validate()
+    with pytest.raises(ValueError, match="cell_split"):
+        LabConfig(num_instances=200, held_out=0).validate()  # 109 cells: the message points at lab.cell_split
+    LabConfig(num_instances=200, held_out=0, cell_split=2).validate()
+    with pytest.raises(ValueError, match="cell_split must be >= 1"):
+        LabConfig(cell_split=0).validate()

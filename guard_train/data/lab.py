@@ -144,13 +144,18 @@ class LabConfig:
     resolution: int = 64
     seed: int = 0
     held_out: int = 16  # extra captions (new instances, never trained on) for evaluation
+    # cut each lab photo cell into cell_split × cell_split sub-cells: up to cell_split² × 109 instances, so unique
+    # images can be many and each seen rarely (smaller crops: check the train–train SSCD background before use)
+    cell_split: int = 1
 
     def validate(self) -> None:
-        n_cells = len(photos.cells("lab"))
+        if self.cell_split < 1:
+            raise ValueError(f"lab.cell_split must be >= 1, got {self.cell_split}")
+        n_cells = len(photos.cells("lab", self.cell_split))
         if not 1 <= self.num_instances + self.held_out <= n_cells:
             raise ValueError(
                 f"lab.num_instances + lab.held_out must be in [1, {n_cells}] (one photo cell each); "
-                f"got {self.num_instances} + {self.held_out}"
+                f"got {self.num_instances} + {self.held_out} (raise lab.cell_split for more cells)"
             )
         for k in ("dup_fraction", "near_copy_fraction", "dup_image_fraction"):
             v = getattr(self, k)
@@ -190,7 +195,7 @@ class Lab:
 def build_lab(cfg: LabConfig) -> Lab:
     cfg.validate()
     rng = np.random.default_rng([cfg.seed, 1])
-    pool = list(photos.cells("lab"))
+    pool = list(photos.cells("lab", cfg.cell_split))
     order = rng.permutation(len(pool))[: cfg.num_instances + cfg.held_out]
     scenes, bgs, seen, cell_of = [], [], set(), []
     for j in order:
@@ -317,7 +322,7 @@ def same_caption_new_instance(lab: Lab, instance: int, rng: np.random.Generator)
     on a new crop of the same photo, from another lab cell. Used to calibrate the copy metric."""
     it = next(i for i in lab.items if i.instance == instance and i.copy_kind == "original")
     shapes = tuple(Shape(k, c, 0, 0, 0) for c, k in it.attributes["shapes"])
-    others = [c for c in photos.cells("lab") if c.photo == it.photo and [c.y, c.x, c.size] != it.cell]
+    others = [c for c in photos.cells("lab", lab.config.cell_split) if c.photo == it.photo and [c.y, c.x, c.size] != it.cell]
     cell = others[int(rng.integers(len(others)))]
     bg = photos.crop(cell, rng, scale=(0.85, 0.85), out_px=lab.config.resolution)
     scene = random_scene(rng, it.photo, lab.config.resolution)

@@ -60,10 +60,19 @@ class Cell:
 
 
 @lru_cache(maxsize=None)
-def cells(split: str) -> tuple[Cell, ...]:
-    """All cells of the given split ("lab" or "pretrain"), in a fixed order."""
+def cells(split: str, sub: int = 1) -> tuple[Cell, ...]:
+    """All cells of the given split ("lab" or "pretrain"), in a fixed order.
+
+    sub > 1 cuts every cell into sub × sub disjoint sub-cells (a lab of more instances than cells; they stay inside
+    their cell, so the lab/pretrain split — and the base model's never having seen a lab pixel — is unchanged).
+    """
     if split not in ("lab", "pretrain"):
         raise ValueError(f"split must be 'lab' or 'pretrain', got {split!r}")
+    if sub < 1:
+        raise ValueError(f"sub must be >= 1, got {sub}")
+    if sub > 1:
+        return tuple(Cell(c.photo, c.y + i * (c.size // sub), c.x + j * (c.size // sub), c.size // sub)
+                     for c in cells(split) for i in range(sub) for j in range(sub))
     out: list[Cell] = []
     rng = np.random.default_rng(SPLIT_SEED)
     for name in PHOTO_NAMES:

@@ -43,7 +43,7 @@ def calibration_table(lab: Lab, embedder: Embedder, seed: int = 0) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m guard_train.metrics.calibration [--instances 96] [--backend sscd] [--out file.json]"""
+    """python -m guard_train.metrics.calibration [--instances 96] [--cell-split 1] [--backend sscd] [--out file.json]"""
     import argparse
     import json
 
@@ -54,9 +54,11 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--instances", type=int, default=96)
     p.add_argument("--backend", default="sscd")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--cell-split", type=int, default=1, help="lab.cell_split: sub-cells per cell side")
     p.add_argument("--out", default="")
     a = p.parse_args(argv)
-    t = calibration_table(build_lab(LabConfig(num_instances=a.instances, held_out=0, seed=a.seed)),
+    t = calibration_table(build_lab(LabConfig(num_instances=a.instances, held_out=0, seed=a.seed,
+                                                     cell_split=a.cell_split)),
                           get_embedder(a.backend), seed=a.seed)
     s = json.dumps(t, indent=1)
     print(s)
