@@ -5,7 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from guard_train.data.lab import LabConfig
+from guard_train.data.lab import read_lab_config
 from guard_train.eval.lab_bench import (INFER_ARMS, ROOT, TRAIN_ARMS, _slug, infer_base, run_lab, verdict,
                                         weights_fingerprint)
 
@@ -112,8 +112,7 @@ def test_inference_arms_on_the_committed_memorizing_lora_use_its_own_lab(tmp_pat
     res = run_lab("smoke", out, seeds=[0], arms=["plain"], methods=["cfg", "guard"], model=str(tiny_sd_dir),
                   infer_model=str(lora), progress=lambda *_: None)
     # the same lab (a config written before a field existed reads with that field's default)
-    assert LabConfig(**json.loads((out / "infer_lab" / "lab_config.json").read_text())) == \
-        LabConfig(**json.loads((lora / "lab_config.json").read_text()))
+    assert read_lab_config(out / "infer_lab") == read_lab_config(lora)
     cell = json.loads((out / "cells" / "infer__guard__s0.json").read_text())
     assert cell["key"]["infer_model"] == str(lora) and len(cell["key"]["infer_weights"]) == 16
     assert [cell["metrics"]["groups"][g]["n_images"] for g in ("duplicated", "unique", "held_out")] == [4, 4, 4]

@@ -5,8 +5,6 @@ ones do not; GUARD, at the same guidance, removes those copies. Same prompts, se
 training captions × 4 images, DDIM 25 steps (trailing, first t = 999), guidance 3, seed 0. Minutes on 2 CPU cores:
 CI's slow step."""
 
-import json
-
 import numpy as np
 import pytest
 
@@ -18,11 +16,11 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def probe():
-    from guard_train.data.lab import LabConfig, build_lab
+    from guard_train.data.lab import build_lab, read_lab_config
     from guard_train.guidance.engine import GuidanceEngine
     from guard_train.metrics.embed import get_embedder
 
-    lab = build_lab(LabConfig(**json.loads((LORA / "lab_config.json").read_text())))
+    lab = build_lab(read_lab_config(LORA))
     keys = sorted(lab.originals)
     dup = sorted({it.instance for it in lab.items if it.is_dup})
     uniq = [k for k in keys if k not in dup][: len(dup)]

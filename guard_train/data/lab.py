@@ -304,6 +304,12 @@ def _write_manifest(lab: Lab, root: Path) -> None:
             f.write(json.dumps({"prompt": it.caption, "label": 0, "group": "held_out"}) + "\n")
 
 
+def read_lab_config(root: str | Path) -> LabConfig:
+    """The config a written lab (or a LoRA made on one) was built from; fields added since it was written take their
+    defaults, so an older lab rebuilds the same."""
+    return LabConfig(**json.loads((Path(root) / "lab_config.json").read_text()))
+
+
 def read_manifest(root: str | Path) -> list[LabItem]:
     with open(Path(root) / "manifest.jsonl") as f:
         return [LabItem(**json.loads(line)) for line in f]

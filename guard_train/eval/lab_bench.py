@@ -220,7 +220,7 @@ def infer_base(lora: Optional[Path], model: str) -> str:
 def infer_source(lora: Optional[Path], out: Path) -> tuple[Optional[Path], str]:
     """For a LoRA dir: (its training lab written under out/infer_lab, a fingerprint of its weights). The lab is
     rebuilt from the LoRA's lab_config.json (the lab is deterministic from its config)."""
-    from guard_train.data.lab import LabConfig, build_lab, write_imagefolder
+    from guard_train.data.lab import build_lab, read_lab_config, write_imagefolder
 
     if lora is None:
         return None, "plain"
@@ -228,7 +228,7 @@ def infer_source(lora: Optional[Path], out: Path) -> tuple[Optional[Path], str]:
     if not (data / "manifest.jsonl").exists():
         tmp = out / "infer_lab.tmp"
         shutil.rmtree(tmp, ignore_errors=True)  # left by an interrupted run
-        write_imagefolder(build_lab(LabConfig(**json.loads((lora / "lab_config.json").read_text()))), tmp)
+        write_imagefolder(build_lab(read_lab_config(lora)), tmp)
         tmp.replace(data)
     return data, weights_fingerprint(lora)
 
