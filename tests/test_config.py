@@ -23,7 +23,7 @@ def test_defaults_and_overrides():
         (["train.batch_size=abc"], "wrong type for 'train.batch_size'"),
         (["train.learning_rate=-1"], "train.learning_rate must be > 0"),
         (["data.caption_dropout=1.5"], "data.caption_dropout must be in [0, 1)"),
-        (["train.mode=qlora"], "train.mode must be 'lora' or 'full'"),
+        (["train.mode=qlora"], "train.mode must be one of lora, full, got 'qlora'"),
         (["data.lab.dup_fraction=2"], "lab.dup_fraction must be in [0, 1]"),
         (["mitigation.entropy_filter.quantile=1.5"], "mitigation.entropy_filter.quantile must be in (0, 1)"),
         (["mitigation.magnitude_filter.mode=fixed", "mitigation.magnitude_filter.threshold=-3"],
@@ -34,7 +34,7 @@ def test_defaults_and_overrides():
         (["mitigation.dup_sampling.threshold=-1"], "mitigation.dup_sampling.threshold must be >= 0"),
         (["train.v_weight_cap=0.5"], "train.v_weight_cap must be 0 (off) or >= 1"),
         (["train.v_weight_cap=100", "train.snr_gamma=5"], "set train.v_weight_cap or train.snr_gamma, not both"),
-        (["train.timestep_bias_strategy=late"], "train.timestep_bias_strategy must be none, later, earlier or range"),
+        (["train.timestep_bias_strategy=late"], "train.timestep_bias_strategy must be one of none, later, earlier, range"),
         (["train.timestep_bias_multiplier=0"], "train.timestep_bias_multiplier must be > 0"),
         (["train.timestep_bias_portion=1.5"], "train.timestep_bias_portion must be in (0, 1]"),
         (["train.timestep_bias_begin=900", "train.timestep_bias_end=100"], "must be >= 0 and < train.timestep_bias_end"),
@@ -77,6 +77,7 @@ def test_refuses_to_reuse_a_run_dir(tmp_path):
     cfg = load_config(["recipe=tiny", f"run.output_dir={tmp_path}", "run.name=x"])
     (tmp_path / "x").mkdir()
     (tmp_path / "x" / "config.yaml").write_text("old run")
+    (tmp_path / "x" / ".guard_train_run").write_text("")  # a run of ours (else it is refused as a user's folder)
     with pytest.raises(ConfigError, match="already holds a run"):
         _decide_run_dir(cfg)
     assert (tmp_path / "x" / "config.yaml").read_text() == "old run"  # nothing lost

@@ -7,14 +7,15 @@ import os
 from dataclasses import fields, is_dataclass
 from pathlib import Path
 
-from omegaconf import OmegaConf
+import yaml
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
-from guard_train.config.schema import Config
+from guard_train.config.params import NONE_WORDS, ParamValueError, base_type, check_dataclass, type_hints
+from guard_train.config.schema import DATA_SOURCES, Config
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 ALIASES = {"resume": "run.resume", "output_dir": "run.output_dir", "overwrite": "run.overwrite"}
-DATA_SOURCES = ("lab", "imagefolder", "parquet", "hf_disk", "webdataset", "img2dataset")
 
 
 class ConfigError(ValueError):
@@ -64,17 +65,74 @@ def _closest(key: str) -> str:
     return f" Did you mean {full!r}?"
 
 
+def _schema_type(key: str):
+    """The declared type of a dotted key (None when the key is unknown: the merge reports it)."""
+    cls: object = Config
+    for part in key.split("."):
+        hints = type_hints(cls) if isinstance(cls, type) else {}
+        if part not in hints:
+            return None
+        cls = hints[part]
+    return cls
+
+
+def _is_str_key(key: str) -> bool:
+    return base_type(_schema_type(key))[0] is str
+
+
+def _override_layer(over: dict[str, str]) -> DictConfig:
+    """The command line as a config layer. A string key keeps the user's text as typed: YAML would read
+    `train.mixed_precision=no` as the boolean false; an optional one reads none/null as None."""
+    layer = OmegaConf.from_dotlist([f"{k}={v}" for k, v in over.items() if not _is_str_key(k)])
+    for k, v in over.items():
+        if _is_str_key(k):
+            none = base_type(_schema_type(k))[1] and v.strip().lower() in NONE_WORDS
+            OmegaConf.update(layer, k, None if none else v, force_add=True)
+    return layer
+
+
+def _load_recipe(recipe: str) -> DictConfig:
+    path = recipe_path(recipe)
+    try:
+        rec = OmegaConf.load(path)
+    except (OmegaConfBaseException, yaml.YAMLError, UnicodeDecodeError) as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"line {mark.line + 1}, column {mark.column + 1}: {e.problem}" if mark else str(e).strip()[:200]
+        raise ConfigError(f"recipe {str(path)!r} is not valid YAML ({where}); fix the file or pick another "
+                          f"recipe") from None
+    if rec is None or not isinstance(rec, DictConfig):
+        raise ConfigError(f"recipe {str(path)!r} must be a YAML mapping of sections (model:, data:, train: …)")
+    _recipe_bools_as_strings(rec)
+    return rec
+
+
+def _recipe_bools_as_strings(rec: DictConfig, prefix: str = "") -> None:
+    """YAML 1.1 reads `mixed_precision: no` as false; for a string key whose allowed values include "no", that is
+    what the user wrote (accelerate's spelling)."""
+    for k in list(rec.keys()):
+        key, v = f"{prefix}{k}", rec[k]
+        if isinstance(v, DictConfig):
+            _recipe_bools_as_strings(v, key + ".")
+        elif isinstance(v, bool) and _is_str_key(key) and "no" in _choices(key):
+            rec[k] = "yes" if v else "no"
+
+
+def _choices(key: str) -> tuple:
+    section, _, name = key.rpartition(".")
+    cls = _schema_type(section) if section else Config
+    f = next((f for f in fields(cls) if f.name == name), None) if isinstance(cls, type) else None
+    rng = f.metadata.get("range") if f is not None and f.metadata else None
+    return rng.choices if rng else ()
+
+
 def load_config(args: list[str]) -> Config:
     """Compose schema defaults ← recipe file ← overrides, then validate. Pure: writes nothing."""
     over = _parse_overrides(args)
     recipe = over.pop("recipe", "tiny")
     base = OmegaConf.structured(Config)
-    try:
-        rec = OmegaConf.load(recipe_path(recipe))
-    except OmegaConfBaseException as e:
-        raise ConfigError(f"recipe {recipe!r} is not valid YAML: {e}") from None
+    rec = _load_recipe(recipe)
     merged = base
-    for src, layer in (("recipe " + recipe, rec), ("command line", OmegaConf.from_dotlist([f"{k}={v}" for k, v in over.items()]))):
+    for src, layer in (("recipe " + recipe, rec), ("command line", _override_layer(over))):
         try:
             merged = OmegaConf.merge(merged, layer)
         except ConfigKeyError as e:
@@ -104,68 +162,37 @@ def _check(cond: bool, msg: str) -> None:
 
 
 def validate(cfg: Config) -> None:
+    try:  # every key's declared range (schema.py) and finiteness
+        check_dataclass(cfg)
+    except ParamValueError as e:
+        raise ConfigError(str(e)) from None
     t, d, s = cfg.train, cfg.data, cfg.summary
-    _check(t.mode in ("lora", "full"), f"train.mode must be 'lora' or 'full', got {t.mode!r}")
-    _check(t.learning_rate > 0, f"train.learning_rate must be > 0, got {t.learning_rate}")
-    _check(t.batch_size >= 1, f"train.batch_size must be >= 1, got {t.batch_size}")
-    _check(t.gradient_accumulation_steps >= 1, "train.gradient_accumulation_steps must be >= 1")
     _check(t.max_steps > 0 or t.epochs > 0, "set train.max_steps > 0 or train.epochs > 0")
-    _check(t.max_steps >= 0 and t.epochs >= 0, "train.max_steps and train.epochs must be >= 0")
-    _check(t.lora_rank >= 1, f"train.lora_rank must be >= 1, got {t.lora_rank}")
-    _check(t.optimizer in ("adamw", "adamw8bit"), f"train.optimizer must be adamw or adamw8bit, got {t.optimizer!r}")
-    _check(t.mixed_precision in ("no", "fp16", "bf16"), "train.mixed_precision must be no, fp16 or bf16")
-    _check(0.0 < t.ema_decay < 1.0, f"train.ema_decay must be in (0, 1), got {t.ema_decay}")
-    _check(t.noise_offset >= 0 and t.snr_gamma >= 0, "train.noise_offset and train.snr_gamma must be >= 0")
-    _check(t.v_weight_cap == 0 or t.v_weight_cap >= 1, f"train.v_weight_cap must be 0 (off) or >= 1, got {t.v_weight_cap}")
     _check(not (t.v_weight_cap and t.snr_gamma), "set train.v_weight_cap or train.snr_gamma, not both")
-    _check(t.max_grad_norm > 0, "train.max_grad_norm must be > 0")
-    _check(t.timestep_bias_strategy in ("none", "later", "earlier", "range"),
-           f"train.timestep_bias_strategy must be none, later, earlier or range, got {t.timestep_bias_strategy!r}")
-    _check(t.timestep_bias_multiplier > 0, f"train.timestep_bias_multiplier must be > 0, got {t.timestep_bias_multiplier}")
-    _check(0.0 < t.timestep_bias_portion <= 1.0, f"train.timestep_bias_portion must be in (0, 1], got {t.timestep_bias_portion}")
-    _check(0 <= t.timestep_bias_begin < t.timestep_bias_end,
+    _check(t.timestep_bias_begin < t.timestep_bias_end,
            f"train.timestep_bias_begin must be >= 0 and < train.timestep_bias_end, got {t.timestep_bias_begin}, {t.timestep_bias_end}")
     _check(not t.init_lora or t.mode == "lora", "train.init_lora needs train.mode=lora")
     if t.init_lora:
         _check(Path(t.init_lora).exists(), f"train.init_lora: {t.init_lora} does not exist (a LoRA dir with "
                "pytorch_lora_weights.safetensors, or the .safetensors file)")
-    _check(cfg.run.collective_timeout_s >= 10, "run.collective_timeout_s must be >= 10 (seconds)")
-    _check(t.checkpoint_every >= 0 and t.checkpoints_total_limit >= 1,
-           "train.checkpoint_every must be >= 0 and train.checkpoints_total_limit >= 1")
     from diffusers.optimization import SchedulerType
 
     names = [x.value for x in SchedulerType]
     _check(t.lr_scheduler in names, f"train.lr_scheduler {t.lr_scheduler!r} is not one of {names}")
-    _check(0.0 <= d.caption_dropout < 1.0, f"data.caption_dropout must be in [0, 1), got {d.caption_dropout}")
-    _check(d.resolution >= 8 and d.resolution % 8 == 0, f"data.resolution must be a multiple of 8, got {d.resolution}")
-    _check(d.source in DATA_SOURCES, f"data.source must be one of {DATA_SOURCES}, got {d.source!r}")
-    _check(s.backend in ("sscd", "pixel"), f"summary.backend must be sscd or pixel, got {s.backend!r}")
-    _check(0.0 < s.copy_threshold < 1.0, "summary.copy_threshold must be in (0, 1)")
-    _check(0 <= s.probe_timestep < 1000, "summary.probe_timestep must be in [0, 1000)")
+    _check(d.resolution % 8 == 0, f"data.resolution must be a multiple of 8, got {d.resolution}")
     try:
         d.lab.validate()
     except ValueError as e:
         raise ConfigError(f"data.{e}") from None
     m = cfg.mitigation
-    try:
-        m.entropy_filter.validate("mitigation.entropy_filter")
-        m.magnitude_filter.validate("mitigation.magnitude_filter")
-    except ValueError as e:
-        raise ConfigError(str(e)) from None
-    _check(m.dup_sampling.alpha >= 0, "mitigation.dup_sampling.alpha must be >= 0")
-    _check(m.dup_sampling.threshold >= 0, "mitigation.dup_sampling.threshold must be >= 0 (0 = the backend's default)")
-    _check(m.dup_sampling.group_by in ("image", "caption", "both"),
-           "mitigation.dup_sampling.group_by must be image, caption or both")
     _check(not (m.dup_sampling.enabled and m.injection.enabled),
            "mitigation.dup_sampling and mitigation.injection both set the data order: enable one")
-    _check(m.captions.mode in ("none", "rc", "rt", "cwr"), "mitigation.captions.mode must be none, rc, rt or cwr")
-    _check(0.0 <= m.captions.p <= 1.0 and m.captions.gn_lambda >= 0, "mitigation.captions.p in [0, 1], gn_lambda >= 0")
-    _check(0.0 < m.injection.fraction < 1.0 and m.injection.weight > 0, "mitigation.injection.fraction in (0, 1)")
     _check(not (d.streaming and (m.dup_sampling.enabled or m.injection.enabled)),
            "weighted sampling (dup_sampling / injection) needs a map-style dataset: set data.streaming=false")
     e = cfg.eval
-    _check(min(e.every_n_epochs, e.every_n_steps, e.prompts_per_group - 1, e.images_per_prompt - 1, e.steps - 1) >= 0,
-           "eval.every_n_* must be >= 0 and eval.prompts_per_group, images_per_prompt, steps >= 1")
+    _check(min(e.every_n_epochs, e.every_n_steps, e.prompts_per_group - 1, e.images_per_prompt - 1, e.steps - 1,
+               e.max_batch - 1) >= 0,
+           "eval.every_n_* must be >= 0 and eval.prompts_per_group, images_per_prompt, steps, max_batch >= 1")
     _check(0.0 < e.copy_threshold < 1.0, f"eval.copy_threshold must be in (0, 1), got {e.copy_threshold}")
     _check(0.0 <= e.copy_rate_limit <= 1.0, f"eval.copy_rate_limit must be in [0, 1] (0 = off), got {e.copy_rate_limit}")
     from guard_train.guidance.strategies import METHODS
@@ -187,6 +214,12 @@ def validate(cfg: Config) -> None:
            "version; turn it off with eval.every_n_steps=0 eval.every_n_epochs=0 eval.at_end=false")
     _check(cfg.run.resume in ("", "latest") or Path(cfg.run.resume).is_dir(),
            f"run.resume must be '', 'latest' or an existing checkpoint directory, got {cfg.run.resume!r}")
+    from guard_train.config.paths import check_run_name
+
+    try:
+        check_run_name(cfg.run.name, cfg.run.output_dir)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
 
 
 def _expand(path: str) -> list[str]:

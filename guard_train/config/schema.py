@@ -1,7 +1,8 @@
 """The config schema: every key a recipe or a `key=value` override may set, with its type and default.
 
 Recipes (recipes/*.yaml) are partial overrides of these defaults; OmegaConf checks keys and types against the
-dataclasses, `validate()` checks ranges and paths. Nothing is written before validation passes.
+dataclasses; a field's valid range is declared beside it (`ranged`, config/params.py) and every float must be
+finite; `validate()` checks what spans several keys, and paths. Nothing is written before validation passes.
 """
 
 from __future__ import annotations
@@ -9,7 +10,10 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Optional
 
+from guard_train.config.params import ranged
 from guard_train.data.lab import LabConfig
+
+DATA_SOURCES = ("lab", "imagefolder", "parquet", "hf_disk", "webdataset", "img2dataset")
 
 
 @dataclass
@@ -22,82 +26,76 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     # lab | imagefolder | parquet | hf_disk | webdataset | img2dataset
-    source: str = "lab"
+    source: str = ranged("lab", choices=DATA_SOURCES)
     path: str = ""  # dataset root / file / glob (not used for source=lab)
     image_column: str = "image"
     caption_column: str = "text"
     id_column: str = ""  # stable id column; default: row index
-    resolution: int = 64
+    resolution: int = ranged(64, ge=8)  # a multiple of 8 (checked in validate)
     center_crop: bool = True
     random_flip: bool = False
-    caption_dropout: float = 0.1  # empty caption with this probability (for classifier-free guidance)
+    # empty caption with this probability (for classifier-free guidance)
+    caption_dropout: float = ranged(0.1, ge=0, lt=1)
     streaming: bool = False
-    max_samples: int = 0  # 0 = all
-    num_workers: int = 0
+    max_samples: int = ranged(0, ge=0)  # 0 = all
+    num_workers: int = ranged(0, ge=0)
     lab: LabConfig = field(default_factory=LabConfig)
 
 
 @dataclass
 class TrainConfig:
-    mode: str = "lora"  # lora | full
-    lora_rank: int = 4
-    lora_alpha: int = 4
+    mode: str = ranged("lora", choices=("lora", "full"))
+    lora_rank: int = ranged(4, ge=1)
+    lora_alpha: int = ranged(4, gt=0)
     lora_targets: list[str] = field(default_factory=lambda: ["to_k", "to_q", "to_v", "to_out.0"])
-    batch_size: int = 16  # per process
-    gradient_accumulation_steps: int = 1
-    max_steps: int = 1000  # optimizer steps; wins over epochs when > 0
-    epochs: int = 0
-    learning_rate: float = 1e-4
+    batch_size: int = ranged(16, ge=1)  # per process
+    gradient_accumulation_steps: int = ranged(1, ge=1)
+    max_steps: int = ranged(1000, ge=0)  # optimizer steps; wins over epochs when > 0
+    epochs: int = ranged(0, ge=0)
+    learning_rate: float = ranged(1e-4, gt=0)
     lr_scheduler: str = "constant"  # any diffusers.optimization scheduler name
-    lr_warmup_steps: int = 0
-    adam_beta1: float = 0.9
-    adam_beta2: float = 0.999
-    adam_weight_decay: float = 1e-2
-    adam_epsilon: float = 1e-8
-    optimizer: str = "adamw"  # adamw | adamw8bit
-    max_grad_norm: float = 1.0
-    mixed_precision: str = "no"  # no | fp16 | bf16
+    lr_warmup_steps: int = ranged(0, ge=0)
+    adam_beta1: float = ranged(0.9, ge=0, lt=1)
+    adam_beta2: float = ranged(0.999, ge=0, lt=1)
+    adam_weight_decay: float = ranged(1e-2, ge=0)
+    adam_epsilon: float = ranged(1e-8, gt=0)
+    optimizer: str = ranged("adamw", choices=("adamw", "adamw8bit"))
+    max_grad_norm: float = ranged(1.0, gt=0)
+    mixed_precision: str = ranged("no", choices=("no", "fp16", "bf16"))  # accelerate's values
     gradient_checkpointing: bool = False
     ema: bool = False
-    ema_decay: float = 0.9999
-    noise_offset: float = 0.0
-    snr_gamma: float = 0.0  # 0 = off; 5.0 is the usual min-SNR value
+    ema_decay: float = ranged(0.9999, gt=0, lt=1)
+    noise_offset: float = ranged(0.0, ge=0)
+    snr_gamma: float = ranged(0.0, ge=0)  # 0 = off; 5.0 is the usual min-SNR value
     # > 0: weight an ε-model's loss by min(1 + 1/SNR, cap) — what a v-prediction loss weighs it by
     # (‖Δv‖² = ‖Δε‖²·(1 + 1/SNR)): the x̂₀ error of the high-noise steps, which set the layout, counts ~1, not SNR.
-    v_weight_cap: float = 0.0
+    v_weight_cap: float = ranged(0.0, ge=1, off=0.0)
     # Timestep bias (the knob of diffusers' SDXL text-to-image script): sample training timesteps with weight
     # `multiplier` on a part of the range — later = the top `portion`, earlier = the bottom, range = [begin, end).
-    timestep_bias_strategy: str = "none"  # none | later | earlier | range
-    timestep_bias_multiplier: float = 1.0
-    timestep_bias_portion: float = 0.25
-    timestep_bias_begin: int = 0
+    timestep_bias_strategy: str = ranged("none", choices=("none", "later", "earlier", "range"))
+    timestep_bias_multiplier: float = ranged(1.0, gt=0)
+    timestep_bias_portion: float = ranged(0.25, gt=0, le=1)
+    timestep_bias_begin: int = ranged(0, ge=0)
     timestep_bias_end: int = 1000
     init_lora: str = ""  # LoRA weights (dir or .safetensors) to start from instead of a fresh adapter (mode=lora)
     cache_latents: bool = False
     seed: int = 0
-    checkpoint_every: int = 0  # optimizer steps; 0 = only at the end
-    checkpoints_total_limit: int = 2
-    max_consecutive_nonfinite: int = 5  # stop (last good checkpoint kept) after this many non-finite steps in a row
+    checkpoint_every: int = ranged(0, ge=0)  # optimizer steps; 0 = only at the end
+    checkpoints_total_limit: int = ranged(2, ge=1)
+    # stop (last good checkpoint kept) after this many non-finite steps in a row
+    max_consecutive_nonfinite: int = ranged(5, ge=1)
 
 
 @dataclass
 class FilterConfig:
     enabled: bool = False
-    mode: str = "quantile"  # quantile | fixed
-    threshold: float = 0.0  # used when mode=fixed
-    quantile: float = 0.95  # drop the top 1-q of scores, per timestep bucket, calibrated over the warm-up
-    buckets: int = 10  # timestep buckets for the calibrated threshold
-    warmup_steps: int = 50  # micro-steps of calibration (nothing dropped meanwhile)
-
-    def validate(self, name: str) -> None:
-        if self.mode not in ("quantile", "fixed"):
-            raise ValueError(f"{name}.mode must be quantile or fixed, got {self.mode!r}")
-        if not 0.0 < self.quantile < 1.0:
-            raise ValueError(f"{name}.quantile must be in (0, 1), got {self.quantile}")
-        if self.buckets < 1 or self.warmup_steps < 1:
-            raise ValueError(f"{name}.buckets and {name}.warmup_steps must be >= 1")
-        if self.threshold < 0:  # both scores (attention entropy, noise-prediction magnitude) are >= 0
-            raise ValueError(f"{name}.threshold must be >= 0 (the filter's score is never negative), got {self.threshold}")
+    mode: str = ranged("quantile", choices=("quantile", "fixed"))
+    # used when mode=fixed; both scores (attention entropy, noise-prediction magnitude) are >= 0
+    threshold: float = ranged(0.0, ge=0)
+    # drop the top 1-q of scores, per timestep bucket, calibrated over the warm-up
+    quantile: float = ranged(0.95, gt=0, lt=1)
+    buckets: int = ranged(10, ge=1)  # timestep buckets for the calibrated threshold
+    warmup_steps: int = ranged(50, ge=1)  # micro-steps of calibration (nothing dropped meanwhile)
 
 
 @dataclass
@@ -108,17 +106,17 @@ class EntropyFilterConfig(FilterConfig):
 
 @dataclass
 class MagnitudeFilterConfig(FilterConfig):
-    buckets: int = 1
+    buckets: int = ranged(1, ge=1)
 
 
 @dataclass
 class DupSamplingConfig:
     enabled: bool = False
     clusters: str = ""  # clusters.jsonl from `guard-train dedup`; "" = run dedup on the training data at start
-    alpha: float = 1.0  # weight 1/|cluster|^alpha
+    alpha: float = ranged(1.0, ge=0)  # weight 1/|cluster|^alpha
     backend: str = "sscd"  # sscd | phash | sscd-torchscript:<path>
-    threshold: float = 0.0  # 0 = backend default (SSCD cosine 0.6, pHash 8 bits)
-    group_by: str = "image"  # image | caption | both
+    threshold: float = ranged(0.0, ge=0)  # 0 = backend default (SSCD cosine 0.6, pHash 8 bits)
+    group_by: str = ranged("image", choices=("image", "caption", "both"))
 
 
 @dataclass
@@ -126,15 +124,15 @@ class InjectionConfig:
     """Somepalli et al.'s duplication testbed: make a memorizing model on purpose."""
 
     enabled: bool = False
-    fraction: float = 0.05
-    weight: float = 5.0
+    fraction: float = ranged(0.05, gt=0, lt=1)
+    weight: float = ranged(5.0, gt=0)
 
 
 @dataclass
 class CaptionMitigationConfig:
-    mode: str = "none"  # none | rc | rt | cwr (MC: give a list-valued caption column)
-    p: float = 0.1
-    gn_lambda: float = 0.0  # Gaussian noise on text embeddings (GN); 0 = off
+    mode: str = ranged("none", choices=("none", "rc", "rt", "cwr"))  # (MC: give a list-valued caption column)
+    p: float = ranged(0.1, ge=0, le=1)
+    gn_lambda: float = ranged(0.0, ge=0)  # Gaussian noise on text embeddings (GN); 0 = off
 
 
 @dataclass
@@ -151,13 +149,13 @@ class SummaryConfig:
     """End-of-run memorization summary (duplicated vs unique captions)."""
 
     enabled: bool = True
-    max_prompts: int = 16  # per group (duplicated / unique)
-    images_per_prompt: int = 2
-    steps: int = 25
+    max_prompts: int = ranged(16, ge=1)  # per group (duplicated / unique)
+    images_per_prompt: int = ranged(2, ge=1)
+    steps: int = ranged(25, ge=1)
     guidance_scale: float = 5.0
-    probe_timestep: int = 200  # one-step x0 reconstruction probe
-    copy_threshold: float = 0.5
-    backend: str = "sscd"  # sscd | pixel
+    probe_timestep: int = ranged(200, ge=0, lt=1000)  # one-step x0 reconstruction probe
+    copy_threshold: float = ranged(0.5, gt=0, lt=1)
+    backend: str = ranged("sscd", choices=("sscd", "pixel"))
 
 
 @dataclass
@@ -186,10 +184,10 @@ class RunConfig:
     resume: str = ""  # "" | latest | path to a checkpoint dir
     overwrite: bool = False
     report_to: str = "tensorboard"  # tensorboard | wandb | … (accelerate trackers) | none
-    log_every: int = 10
+    log_every: int = ranged(10, ge=1)  # optimizer steps between metric lines
     # a collective that waits longer than this (a peer rank died or hangs) raises instead of hanging; the
     # launcher (torchrun's agent) usually ends the survivors sooner, this bounds it when it does not
-    collective_timeout_s: int = 600
+    collective_timeout_s: int = ranged(600, ge=10)  # seconds
 
 
 @dataclass

@@ -19,6 +19,7 @@ from typing import Iterator
 import numpy as np
 from PIL import Image, ImageDraw
 
+from guard_train.config.params import check_dataclass, ranged
 from guard_train.data import photos
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
@@ -136,33 +137,28 @@ def pretrain_stream(seed: int, px: int = 64, start: int = 0) -> Iterator[tuple[n
 
 @dataclass
 class LabConfig:
-    num_instances: int = 64  # distinct images (≤ number of lab cells: one cell each, so crops never overlap)
-    dup_fraction: float = 0.125  # fraction of instances that get planted duplicates
-    dup_repeats: int = 16  # copies of each duplicated instance in the training set (incl. the original)
-    near_copy_fraction: float = 0.5  # of the extra copies, which share are near-copies (rest exact)
-    dup_image_fraction: float = 0.0  # of duplicated instances, which share re-phrase captions (dup_image)
-    resolution: int = 64
-    seed: int = 0
-    held_out: int = 16  # extra captions (new instances, never trained on) for evaluation
+    # distinct images (≤ number of lab cells: one cell each, so crops never overlap)
+    num_instances: int = ranged(64, ge=1)
+    dup_fraction: float = ranged(0.125, ge=0, le=1)  # fraction of instances that get planted duplicates
+    dup_repeats: int = ranged(16, ge=1)  # copies of each duplicated instance in the training set (incl. the original)
+    near_copy_fraction: float = ranged(0.5, ge=0, le=1)  # of the extra copies, which share are near-copies (rest exact)
+    # of duplicated instances, which share re-phrase captions (dup_image)
+    dup_image_fraction: float = ranged(0.0, ge=0, le=1)
+    resolution: int = ranged(64, ge=8)
+    seed: int = ranged(0, ge=0)
+    held_out: int = ranged(16, ge=0)  # extra captions (new instances, never trained on) for evaluation
     # cut each lab photo cell into cell_split × cell_split sub-cells: up to cell_split² × 109 instances, so unique
     # images can be many and each seen rarely (smaller crops: check the train–train SSCD background before use)
-    cell_split: int = 1
+    cell_split: int = ranged(1, ge=1)
 
     def validate(self) -> None:
-        if self.cell_split < 1:
-            raise ValueError(f"lab.cell_split must be >= 1, got {self.cell_split}")
+        check_dataclass(self, "lab.")  # the declared ranges (a ParamValueError is a ValueError)
         n_cells = len(photos.cells("lab", self.cell_split))
         if not 1 <= self.num_instances + self.held_out <= n_cells:
             raise ValueError(
                 f"lab.num_instances + lab.held_out must be in [1, {n_cells}] (one photo cell each); "
                 f"got {self.num_instances} + {self.held_out} (raise lab.cell_split for more cells)"
             )
-        for k in ("dup_fraction", "near_copy_fraction", "dup_image_fraction"):
-            v = getattr(self, k)
-            if not 0.0 <= v <= 1.0:
-                raise ValueError(f"lab.{k} must be in [0, 1], got {v}")
-        if self.dup_repeats < 1:
-            raise ValueError(f"lab.dup_repeats must be >= 1, got {self.dup_repeats}")
 
 
 @dataclass

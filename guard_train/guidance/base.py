@@ -3,7 +3,8 @@
 A strategy names the UNet *branches* it needs at each step (e.g. "uncond", "cond", GUARD's "pos"), how each
 branch's rows are conditioned (embeddings, attention edits), and how to combine the branch predictions into the
 ε̂ the scheduler steps with. `prepare` may rewrite prompts/embeddings or run probe passes before the loop.
-Hyper-parameters are dataclass fields of `Params`; unknown names are rejected.
+Hyper-parameters are dataclass fields of `Params`, each with its valid range (`ranged`, config/params.py); unknown
+names, unparsable and out-of-range values are rejected before anything is loaded.
 """
 
 from __future__ import annotations
@@ -12,6 +13,8 @@ from dataclasses import dataclass, fields
 from typing import TYPE_CHECKING, Any, Optional
 
 import torch
+
+from guard_train.config.params import ParamValueError, check_value, field_range, parse, type_hints
 
 if TYPE_CHECKING:
     from guard_train.guidance.engine import GenContext
@@ -33,7 +36,7 @@ class Branch:
 
 
 class ParamError(ValueError):
-    pass
+    """A bad method name or hyper-parameter (exit 2 in the CLI)."""
 
 
 class Strategy:
@@ -41,7 +44,7 @@ class Strategy:
 
     @dataclass
     class Params:
-        guidance_scale: float = 7.5
+        guidance_scale: float = 7.5  # every float parameter must be finite
 
     edit_layers: Optional[set[str]] = None  # layers where branch edits apply (None = every cross-attn layer)
     capture_maps: set[str] = set()  # layers whose attention maps the strategy needs recorded
@@ -52,7 +55,7 @@ class Strategy:
         if bad:
             raise ParamError(f"unknown parameter(s) {bad} for method {self.name!r}; "
                              f"valid: {sorted(known)}")
-        self.p = self.Params(**{k: _cast(known[k], v) for k, v in params.items()})
+        self.p = self.Params(**{k: _cast(self.Params, known[k], v) for k, v in params.items()})
 
     def prepare(self, ctx: "GenContext") -> None:
         """Before the loop: may edit ctx.cond / ctx.uncond embeddings or run probe passes."""
@@ -67,20 +70,16 @@ class Strategy:
         return bool(self.capture_maps)
 
 
-def _cast(f, v):
-    """CLI values arrive as strings: cast to the field's type."""
-    if not isinstance(v, str):
+def _cast(params_cls: type, f, v):
+    """CLI values arrive as strings: parse as the field's type; any value is checked against its declared range
+    (a NaN guidance scale would otherwise draw a black image and write NaN into the JSON)."""
+    try:
+        if isinstance(v, str):
+            return parse(f.name, v, type_hints(params_cls)[f.name], field_range(f))
+        check_value(f.name, v, field_range(f))
         return v
-    typ = f.type if isinstance(f.type, str) else getattr(f.type, "__name__", str(f.type))
-    if "bool" in typ:
-        if v.lower() not in ("true", "false", "1", "0"):
-            raise ParamError(f"parameter {f.name} expects true/false, got {v!r}")
-        return v.lower() in ("true", "1")
-    if "int" in typ:
-        return int(v)
-    if "float" in typ:
-        return float(v)
-    return v
+    except ParamValueError as e:
+        raise ParamError(f"parameter {e}") from None
 
 
 def cfg_combine(u: torch.Tensor, c: torch.Tensor, w) -> torch.Tensor:

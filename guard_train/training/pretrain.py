@@ -29,6 +29,8 @@ from diffusers.training_utils import EMAModel
 from tqdm.auto import tqdm
 
 from guard_train.config.loader import ConfigError
+from guard_train.config.params import ParamValueError, check_dataclass, ranged
+from guard_train.config.paths import PathError, check_out_dir
 from guard_train.data.lab import pretrain_stream
 from guard_train.models.codec import PatchPCACodec
 from guard_train.models.tiny_sd import build_tiny_sd, clip_tokenizer, noise_scheduler
@@ -50,26 +52,26 @@ EVAL_CAPTIONS = (
 class PretrainConfig:
     out: str = "models/tiny-sd"
     work: str = "runs/build-base"  # resumable trainer state (optimizer, raw weights), not committed
-    steps: int = 20000
-    batch_size: int = 16
-    lr: float = 5e-4
-    warmup: int = 200
-    ema_decay: float = 0.999
-    snr_gamma: float = 5.0  # min-SNR-γ; 0 = off (uniform weights)
-    v_weight_cap: float = 0.0  # > 0: weight the ε-loss as a v-loss, min(1 + 1/SNR, cap) (needs snr_gamma = 0)
+    steps: int = ranged(20000, ge=1)
+    batch_size: int = ranged(16, ge=1)
+    lr: float = ranged(5e-4, gt=0)
+    warmup: int = ranged(200, ge=0)
+    ema_decay: float = ranged(0.999, gt=0, lt=1)
+    snr_gamma: float = ranged(5.0, ge=0)  # min-SNR-γ; 0 = off (uniform weights)
+    v_weight_cap: float = ranged(0.0, ge=1, off=0.0)  # > 0: weight the ε-loss as a v-loss, min(1 + 1/SNR, cap) (needs snr_gamma = 0)
     prediction_type: str = ""  # "" keeps the model's; "v_prediction" converts an ε base (as SD 2.0 → 2.0-v did)
     zero_terminal_snr: bool = False  # rescale the betas so t = 999 is pure noise (Lin et al. 2024); needs v
     caption_dropout: float = 0.1
     resolution: int = 64
     latent_channels: int = 16
     codec_fit_images: int = 2048
-    seed: int = 0
-    save_every: int = 500
+    seed: int = ranged(0, ge=0)
+    save_every: int = ranged(500, ge=1)
     sample_every: int = 1000  # sample grid of EVAL_CAPTIONS every N steps and at the end; 0 = never
-    time_budget_min: float = 0.0  # stop (and export) after this many minutes; 0 = no limit
+    time_budget_min: float = ranged(0.0, ge=0)  # stop (and export) after this many minutes; 0 = no limit
     init_from: str = ""  # continue from an exported model dir (e.g. the committed base)
-    decay_from: int = -1  # >= 0: cosine-decay the lr from this step to lr * lr_min_ratio at `steps`
-    lr_min_ratio: float = 0.1
+    decay_from: int = ranged(-1, ge=0, off=-1)  # >= 0: cosine-decay the lr from this step to lr * lr_min_ratio at `steps`
+    lr_min_ratio: float = ranged(0.1, ge=0, le=1)
 
 
 from guard_train.data.images import to_model as to_tensor  # noqa: E402  (kept name: used by tests)
@@ -117,7 +119,13 @@ def lr_at(cfg: PretrainConfig, step: int) -> float:
 
 
 def check_config(cfg: PretrainConfig) -> None:
-    """Settings that cannot work together, refused before anything is built or written."""
+    """Settings out of range or that cannot work together, refused before anything is built or written."""
+    try:
+        check_dataclass(cfg)
+        # the export replaces --out: only a model directory build-base wrote (build_info.json) may be replaced
+        check_out_dir(cfg.out, "--out", own_files=("build_info.json",))
+    except (ParamValueError, PathError) as e:
+        raise ConfigError(str(e)) from None
     if cfg.prediction_type not in ("", "epsilon", "v_prediction"):
         raise ConfigError(f"prediction_type must be 'epsilon' or 'v_prediction', got {cfg.prediction_type!r}")
     if cfg.v_weight_cap and cfg.snr_gamma:

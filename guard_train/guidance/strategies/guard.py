@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from guard_train.config.params import ranged
 from guard_train.guidance.base import AttnEdit, Branch, Strategy, cfg_combine
 
 
@@ -42,10 +43,10 @@ class Guard(Strategy):
         guidance_scale: float = 7.5
         repulsion_scale: float = 2.0
         spike_threshold: float = 0.1
-        spike_scale: float = 0.3
+        spike_scale: float = ranged(0.3, ge=0)
         orthogonalize: bool = True
-        ortho_cos: float = 0.9
-        ortho_clip: float = 2.0
+        ortho_cos: float = ranged(0.9, ge=-1, le=1)
+        ortho_clip: float = ranged(2.0, ge=0)
 
     def prepare(self, ctx):
         self.edit_layers = early_layers(ctx.engine.layers)
@@ -72,7 +73,7 @@ class GuardAttenuation(Guard):
     class Params:
         guidance_scale: float = 7.5
         spike_threshold: float = 0.01
-        spike_scale: float = 0.3
+        spike_scale: float = ranged(0.3, ge=0)
 
     def branches(self, i, t, ctx):
         pos = AttnEdit(spike=(self.p.spike_threshold, self.p.spike_scale))

@@ -17,6 +17,7 @@ from dataclasses import dataclass
 
 import torch
 
+from guard_train.config.params import ranged
 from guard_train.guidance.base import Strategy, cfg_combine
 
 
@@ -26,7 +27,7 @@ class JainStatic(Strategy):
     @dataclass
     class Params:
         guidance_scale: float = 7.5
-        transition_t: int = 500
+        transition_t: int = ranged(500, ge=0)
         guidance_before: float = 0.0
 
     def combine(self, eps, i, t, ctx):
@@ -40,7 +41,7 @@ class OppositeStatic(JainStatic):
     @dataclass
     class Params:
         guidance_scale: float = 7.5
-        transition_t: int = 650
+        transition_t: int = ranged(650, ge=0)
         guidance_before: float = -2.0
 
 

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from guard_train.config.params import ranged
 from guard_train.guidance.base import Strategy, cfg_combine
 
 
@@ -24,7 +25,7 @@ class GNI(Strategy):
     @dataclass
     class Params:
         guidance_scale: float = 7.5
-        noise_lambda: float = 0.1
+        noise_lambda: float = ranged(0.1, ge=0)
 
     def prepare(self, ctx):
         def noise(x: torch.Tensor, salt: int) -> torch.Tensor:
@@ -45,7 +46,7 @@ class _Insert(Strategy):
     @dataclass
     class Params:
         guidance_scale: float = 7.5
-        repeats: int = 4
+        repeats: int = ranged(4, ge=1)
 
     def words(self, prompt: str, rng: np.random.Generator, tokenizer) -> list[str]:
         raise NotImplementedError

@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from guard_train.config.params import ranged
 from guard_train.guidance.base import AttnEdit, Branch, Strategy, cfg_combine
 
 
@@ -21,7 +22,7 @@ class Ren(Strategy):
     @dataclass
     class Params:
         guidance_scale: float = 7.5
-        bos_scale: float = 1.25
+        bos_scale: float = ranged(1.25, gt=0)
         mask_first_eos: bool = False  # `mask_length_minis1`: also drop the first EOS (off in the reference)
 
     def branches(self, i, t, ctx):

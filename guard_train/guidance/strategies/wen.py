@@ -21,6 +21,7 @@ from typing import Optional
 
 import torch
 
+from guard_train.config.params import ranged
 from guard_train.guidance.base import Strategy, cfg_combine
 from guard_train.models.prediction import epsilon_difference, first_epsilon_step
 
@@ -31,9 +32,9 @@ class WenOpt(Strategy):
     @dataclass
     class Params:
         guidance_scale: float = 7.5
-        lr: float = 0.05
-        max_iters: int = 10
-        target_loss: float = 3.0
+        lr: float = ranged(0.05, gt=0)
+        max_iters: int = ranged(10, ge=1)
+        target_loss: float = ranged(3.0, ge=0)
 
     def mask(self, ctx) -> Optional[torch.Tensor]:
         return None
@@ -121,9 +122,9 @@ class BrightEndingOpt(WenOpt):
     @dataclass
     class Params:
         guidance_scale: float = 7.5
-        lr: float = 0.05
-        max_iters: int = 10
-        target_loss: float = 1.0
+        lr: float = ranged(0.05, gt=0)
+        max_iters: int = ranged(10, ge=1)
+        target_loss: float = ranged(1.0, ge=0)
 
     def mask(self, ctx):
         eng = ctx.engine
