@@ -13,9 +13,24 @@ def _quiet() -> None:
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
     os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
     os.environ.setdefault("DIFFUSERS_VERBOSITY", "error")
+    import logging
     import warnings
 
     warnings.filterwarnings("ignore", message=".*torch.jit.script_method.*")
+    # diffusers imports bitsandbytes whenever it is installed (for adamw8bit); on a CPU with AVX512-BF16 its CPU
+    # backend then logs that the optional `kernels` package is missing — a warning about a 4-bit kernel we never
+    # use, which a new user reads as a broken install. Drop that one message, at its logger, before the import.
+    logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_kernels_warning)
+
+
+def _drop_kernels_warning(record) -> bool:
+    return "kernels" not in record.getMessage()
+
+
+def _error(e: object) -> int:
+    """Bad input: one line on stderr, exit code 2 (never a traceback)."""
+    print(f"error: {e}", file=sys.stderr)
+    return 2
 
 
 def train_main(argv: list[str]) -> int:
@@ -75,7 +90,13 @@ def _lab(args) -> int:
     from guard_train.eval.lab_bench import replace_headline, run_lab
 
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
-    out = Path(args.out)  # created by run_lab once the arguments are valid: bad input writes nothing
+    from guard_train.config.paths import PathError, check_out_dir
+
+    try:  # a rerun continues in its own --out (cells/, results.json); a user's folder is refused
+        out = check_out_dir(args.out, own_files=("results.json", "cells", "lab-results.md"))
+    except PathError as e:
+        return _error(e)
+    # created by run_lab once the arguments are valid: bad input writes nothing
     # the documented table's cells are committed beside it, so any checkout can rebuild or continue that run
     cells = Path(args.cells) if args.cells else (DOCS_CELLS if args.docs else None)
     t0 = time.time()
@@ -84,8 +105,10 @@ def _lab(args) -> int:
                       split(args.methods) or None, resolve_model_path(args.model), args.backend,
                       infer_model=args.infer_model or None, cells_dir=cells, infer_guidance=args.infer_guidance)
     except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
+    from guard_train.config.paths import mark_ours
+
+    mark_ours(out)
     cmd = "guard-train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     md = (out / "lab-results.md").read_text()
     header = (f"# Lab benchmark results\n\nCommand: `{cmd}`. Wall time: {res['wall_s_cells'] / 60:.1f} min summed "
@@ -112,12 +135,31 @@ def _lab(args) -> int:
     return 0
 
 
+def _pretrain_flag(name: str):
+    """A build-base flag's argparse type: PretrainConfig's type and declared range for that field, imported only
+    when the flag is given (the model stack is slow to import; `--help` should not wait for it)."""
+
+    def conv(text: str):
+        from guard_train.config.params import dataclass_arg_type
+        from guard_train.training.pretrain import PretrainConfig
+
+        return dataclass_arg_type(PretrainConfig, name)(text)
+
+    conv.__name__ = name
+    return conv
+
+
 ROOT_DIR = Path(__file__).resolve().parents[1]
 DOCS_CELLS = ROOT_DIR / "docs" / "measurements" / "lab_cells"
 
 
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
+    _quiet()  # before anything imports the model stack
+    from guard_train.config.params import COUNT, NON_NEG, OPEN_UNIT, POSITIVE, arg_type
+
+    count, seed = arg_type(int, COUNT), arg_type(int, NON_NEG)  # a bad flag exits 2 at parse time, before any work
+    pre = _pretrain_flag
     p = argparse.ArgumentParser(prog="guard-train", exit_on_error=True)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("train", help="fine-tune (single process; use `accelerate launch train.py` for several)",
@@ -126,15 +168,16 @@ def main(argv: list[str] | None = None) -> int:
     # defaults are PretrainConfig's (None = not given), so the CLI and the dataclass cannot drift apart
     b.add_argument("--out", help="exported model dir (default models/tiny-sd)")
     b.add_argument("--work", help="resumable trainer state (default runs/build-base)")
-    b.add_argument("--steps", type=int)
-    b.add_argument("--minutes", dest="time_budget_min", type=float, help="time budget; export and stop when reached")
+    b.add_argument("--steps", type=pre("steps"))
+    b.add_argument("--minutes", dest="time_budget_min", type=pre("time_budget_min"),
+                   help="time budget; export and stop when reached")
     b.add_argument("--init-from", help="continue from an exported model dir")
-    b.add_argument("--seed", type=int)
-    b.add_argument("--decay-from", type=int, help="cosine-decay the lr from this step to --steps")
-    b.add_argument("--lr-min-ratio", type=float)
-    b.add_argument("--lr", type=float)
-    b.add_argument("--snr-gamma", type=float, help="min-SNR-γ loss weighting (default 5); 0 = off (uniform)")
-    b.add_argument("--v-weight-cap", type=float,
+    b.add_argument("--seed", type=pre("seed"))
+    b.add_argument("--decay-from", type=pre("decay_from"), help="cosine-decay the lr from this step to --steps")
+    b.add_argument("--lr-min-ratio", type=pre("lr_min_ratio"))
+    b.add_argument("--lr", type=pre("lr"))
+    b.add_argument("--snr-gamma", type=pre("snr_gamma"), help="min-SNR-γ loss weighting (default 5); 0 = off (uniform)")
+    b.add_argument("--v-weight-cap", type=pre("v_weight_cap"),
                    help="weight the ε-loss as a v-loss, min(1 + 1/SNR, cap); needs --snr-gamma 0")
     b.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                    help="train this target; v_prediction converts an ε base (saved in the scheduler config)")
@@ -142,8 +185,8 @@ def main(argv: list[str] | None = None) -> int:
                    help="rescale the betas to zero SNR at t = 999 and sample with trailing spacing (needs v)")
     sc = sub.add_parser("build-scorer", help="train the lab alignment scorer (attribute classifier)")
     sc.add_argument("--out", default="models/lab-scorer")
-    sc.add_argument("--steps", type=int, default=1500)
-    sc.add_argument("--seed", type=int, default=0)
+    sc.add_argument("--steps", type=count, default=1500)
+    sc.add_argument("--seed", type=seed, default=0)
     dd = sub.add_parser("dedup", help="find near-duplicate clusters in a training set; writes clusters.jsonl")
     dd.add_argument("--data", required=True, help="dataset path (dir, file or glob)")
     dd.add_argument("--source", default="imagefolder",
@@ -152,28 +195,30 @@ def main(argv: list[str] | None = None) -> int:
     dd.add_argument("--caption-column", default="text")
     dd.add_argument("--id-column", default="")
     dd.add_argument("--backend", default="sscd", help="sscd | phash | sscd-torchscript:<path>")
-    dd.add_argument("--threshold", type=float, default=0.0, help="0 = backend default (SSCD 0.6, pHash 8 bits)")
+    dd.add_argument("--threshold", type=arg_type(float, NON_NEG), default=0.0,
+                    help="0 = backend default (SSCD 0.6, pHash 8 bits)")
     dd.add_argument("--out", required=True)
-    dd.add_argument("--manifest", default="", help="lab manifest.jsonl: also report precision/recall vs planted groups")
+    dd.add_argument("--manifest", default="", help="lab manifest.jsonl (or the lab dir holding it): also report "
+                                                   "precision/recall vs planted groups")
     g = sub.add_parser("generate", help="generate with GUARD or a baseline mitigation; PNGs + generations.jsonl")
     g.add_argument("--model", default="models/tiny-sd")
     g.add_argument("--lora", default="")
     g.add_argument("--prompts", required=True, help="a text file (one prompt per line) or a prompt")
     g.add_argument("--method", default="guard")
     g.add_argument("--param", action="append", default=[], metavar="K=V", help="method hyper-parameter (repeatable)")
-    g.add_argument("--num-images", type=int, default=4)
-    g.add_argument("--steps", type=int, default=50)
-    g.add_argument("--seed", type=int, default=0)
-    g.add_argument("--max-batch", type=int, default=64)
+    g.add_argument("--num-images", type=count, default=4)
+    g.add_argument("--steps", type=count, default=50)
+    g.add_argument("--seed", type=seed, default=0)
+    g.add_argument("--max-batch", type=count, default=64)
     g.add_argument("--out", required=True)
     de = sub.add_parser("detect", help="memorization detection scores per prompt; CSV + AUROC summary")
     de.add_argument("--model", default="models/tiny-sd")
     de.add_argument("--lora", default="")
     de.add_argument("--prompts", required=True, help="jsonl with prompt + label (1 = memorized), e.g. the lab's "
                                                       "detect_prompts.jsonl")
-    de.add_argument("--num-images", type=int, default=4)
-    de.add_argument("--steps", type=int, default=50)
-    de.add_argument("--seed", type=int, default=0)
+    de.add_argument("--num-images", type=count, default=4)
+    de.add_argument("--steps", type=count, default=50)
+    de.add_argument("--seed", type=seed, default=0)
     de.add_argument("--out", required=True)
     ev = sub.add_parser("eval", help="score checkpoints x methods for memorization; --fail-if gates (exit 1)")
     ev.add_argument("--model", default="models/tiny-sd", help="base model")
@@ -182,14 +227,14 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--prompts", default="", help="jsonl/txt prompts (default: the lab reference's prompt groups)")
     ev.add_argument("--reference", required=True, help="lab dir or dataset of the training images")
     ev.add_argument("--methods", default="cfg,guard")
-    ev.add_argument("--num-images", type=int, default=4)
-    ev.add_argument("--steps", type=int, default=50)
-    ev.add_argument("--seed", type=int, default=0)
-    ev.add_argument("--prompts-per-group", type=int, default=8)
-    ev.add_argument("--threshold", type=float, default=0.5)
+    ev.add_argument("--num-images", type=count, default=4)
+    ev.add_argument("--steps", type=count, default=50)
+    ev.add_argument("--seed", type=seed, default=0)
+    ev.add_argument("--prompts-per-group", type=count, default=8)
+    ev.add_argument("--threshold", type=arg_type(float, OPEN_UNIT), default=0.5)
     ev.add_argument("--backend", default="sscd", help="sscd | sscd-distilled | sscd-torchscript:<path> | pixel")
     ev.add_argument("--clip-model", default="", help="local transformers CLIPModel dir: adds a clip_score column")
-    ev.add_argument("--max-batch", type=int, default=64)
+    ev.add_argument("--max-batch", type=count, default=64)
     ev.add_argument("--fail-if", action="append", default=[], metavar="COND", help='e.g. "duplicated.copy_rate>0.05"')
     ev.add_argument("--out", required=True)
     lb = sub.add_parser("lab", help="the memorization lab benchmark: training and inference arms × seeds, one table")
@@ -204,7 +249,7 @@ def main(argv: list[str] | None = None) -> int:
                                                       "build_info.json names, else --model), or 'plain' (the "
                                                       "plain arm of each seed); default: the size's (full: "
                                                       "models/tiny-sd-memorized-lora, smoke: plain)")
-    lb.add_argument("--infer-guidance", type=float, default=None,
+    lb.add_argument("--infer-guidance", type=arg_type(float, POSITIVE), default=None,
                     help="every inference method's guidance_scale (default: each method's own, 7.5)")
     lb.add_argument("--docs", action="store_true", help="also write docs/lab-results.md, docs/figures/lab_*.png and "
                                                          "README's headline table; cells in docs/measurements/lab_cells")
@@ -244,6 +289,12 @@ def main(argv: list[str] | None = None) -> int:
         from guard_train.data.lab import LabConfig, build_lab
         from guard_train.metrics.alignment import evaluate, train_scorer
 
+        from guard_train.config.paths import PathError, check_out_dir
+
+        try:
+            check_out_dir(args.out, own_files=("model.safetensors",))
+        except PathError as e:
+            return _error(e)
         aligner = train_scorer(steps=args.steps, seed=args.seed)
         lab_obj = build_lab(LabConfig(num_instances=96, held_out=0, dup_fraction=0))
         aligner.info["heldout_lab"] = evaluate(aligner, np.stack(lab_obj.images), [i.caption for i in lab_obj.items])
@@ -281,21 +332,23 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "make-lab":
         from dataclasses import fields
 
+        from guard_train.config.params import field_range, parse, type_hints
+        from guard_train.config.paths import check_out_dir, mark_ours
         from guard_train.data.lab import LabConfig, build_lab, write_imagefolder, write_parquet
 
         kw = {}
-        types = {f.name: f.type for f in fields(LabConfig)}
-        for kv in args.set:
-            k, _, v = kv.partition("=")
-            if k not in types:
-                print(f"unknown lab option {k!r}; options: {', '.join(types)}", file=sys.stderr)
-                return 2
-            kw[k] = type(getattr(LabConfig(), k))(v)
-        try:
+        known, hints = {f.name: f for f in fields(LabConfig)}, type_hints(LabConfig)
+        try:  # each value parsed and range-checked as LabConfig declares it, then the whole config validated
+            check_out_dir(args.out, own_files=("manifest.jsonl", "train.parquet"))
+            for kv in args.set:
+                k, sep, v = kv.partition("=")
+                if k not in known or not sep:
+                    raise ValueError(f"--set {kv!r}: expected KEY=VALUE with KEY one of {', '.join(known)}")
+                kw[k] = parse(f"--set {k}", v, hints[k], field_range(known[k]))
             lab_obj = build_lab(LabConfig(**kw))
         except ValueError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+            return _error(e)
+        mark_ours(Path(args.out))
         path = write_imagefolder(lab_obj, args.out) if args.format == "imagefolder" else write_parquet(
             lab_obj, f"{args.out}/train.parquet")
         print(f"wrote {len(lab_obj.items)} items ({sum(i.is_dup for i in lab_obj.items)} from duplicated instances) to {path}")
@@ -315,33 +368,53 @@ def _generate_cmd(args) -> int:
     from guard_train.guidance.strategies import get_strategy
     from guard_train.models.loading import ModelLoadError
 
-    p = Path(args.prompts)
-    prompts = [l.strip() for l in p.read_text().splitlines() if l.strip()] if p.is_file() else [args.prompts]
+    from guard_train.config.paths import PathError, check_out_dir, mark_ours
+
     params = {}
-    for kv in args.param:
-        k, sep, v = kv.partition("=")
-        if not sep:
-            print(f"error: --param expects K=V, got {kv!r}", file=sys.stderr)
-            return 2
-        params[k] = v
-    try:
-        get_strategy(args.method, **params)  # validate before loading anything
+    try:  # every input checked before the model loads or anything is written
+        out = check_out_dir(args.out, own_files=("generations.jsonl",))
+        prompts = _prompts_arg(args.prompts)
+        for kv in args.param:
+            k, sep, v = kv.partition("=")
+            if not sep:
+                raise ParamError(f"--param expects K=V, got {kv!r}")
+            params[k] = v
+        get_strategy(args.method, **params)
         engine = GuidanceEngine.from_pretrained(resolve_model_path(args.model), lora=args.lora or None,
                                                 max_batch=args.max_batch)
         res = engine.generate(prompts, method=args.method, num_images=args.num_images, seed=args.seed,
                               steps=args.steps, progress=True, **params)
-    except (ParamError, ModelLoadError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
-    with open(out / "generations.jsonl", "w") as f:
-        for img, rec in zip(res.images, res.records):
-            name = f"p{rec['prompt_index']:04d}_i{rec['image_index']:02d}.png"
-            Image.fromarray(img).save(out / name)
-            f.write(json.dumps({"file": name, **rec}) + "\n")
+    except (ParamError, ModelLoadError, PathError) as e:
+        return _error(e)
+    mark_ours(out)
+    lines = []
+    for img, rec in zip(res.images, res.records):
+        name = f"p{rec['prompt_index']:04d}_i{rec['image_index']:02d}.png"
+        Image.fromarray(img).save(out / name)
+        lines.append(json.dumps({"file": name, **rec}) + "\n")
+    _write_atomic(out / "generations.jsonl", "".join(lines))  # last: a complete jsonl means every PNG is there
     print(f"wrote {len(res.images)} images and generations.jsonl to {out}")
     return 0
+
+
+def _prompts_arg(value: str) -> list[str]:
+    """--prompts: a text file (one prompt per line) when such a file exists, else the prompt itself."""
+    from guard_train.config.paths import PathError, read_text_input
+
+    p = Path(value)
+    if p.exists():
+        text = read_text_input(value, "--prompts", "a text file with one prompt per line")
+        return [l.strip() for l in text.splitlines() if l.strip()]
+    if not value.strip():
+        raise PathError("--prompts is empty; give a prompt or a text file with one prompt per line")
+    return [value]
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write beside the target and rename into place: an interrupted command never leaves a half file."""
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
 
 
 def _detect_cmd(args) -> int:
@@ -356,25 +429,24 @@ def _detect_cmd(args) -> int:
     from guard_train.metrics.detection import detect, summarize
     from guard_train.models.loading import ModelLoadError
 
-    src = Path(args.prompts)
-    if not src.is_file():
-        print(f"error: prompt file {args.prompts!r} not found (jsonl: {{\"prompt\": ..., \"label\": 0|1}})",
-              file=sys.stderr)
-        return 2
+    from guard_train.config.paths import PathError, check_out_dir, mark_ours, read_text_input
+
     try:
-        rows = [json.loads(l) for l in src.read_text().splitlines() if l.strip()]
+        out = check_out_dir(args.out, own_files=("summary.json", "scores.csv"))
+        text = read_text_input(args.prompts, "--prompts", 'a jsonl file: {"prompt": ..., "label": 0|1} per line')
+    except PathError as e:
+        return _error(e)
+    try:
+        rows = [json.loads(l) for l in text.splitlines() if l.strip()]
         prompts, labels = [r["prompt"] for r in rows], np.array([int(r["label"]) for r in rows])
-    except (json.JSONDecodeError, KeyError, ValueError) as e:
-        print(f"error: {args.prompts}: each line must be JSON with 'prompt' and 'label' (0/1): {e}", file=sys.stderr)
-        return 2
+    except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
+        return _error(f"{args.prompts}: each line must be JSON with 'prompt' and 'label' (0/1): {e}")
     try:
         eng = GuidanceEngine.from_pretrained(resolve_model_path(args.model), lora=args.lora or None)
     except ModelLoadError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
+        return _error(e)
     scores, per_prompt_s = detect(eng, prompts, args.num_images, args.steps, args.seed)
-    out = Path(args.out)
-    out.mkdir(parents=True, exist_ok=True)
+    mark_ours(out)
     with open(out / "scores.csv", "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["prompt", "label", *scores])
@@ -384,7 +456,7 @@ def _detect_cmd(args) -> int:
                "steps": args.steps, "wall_s_per_prompt": round(per_prompt_s, 3)}
     if 0 < labels.sum() < len(labels):
         summary["scores"] = {k: summarize(v, labels) for k, v in scores.items()}
-    (out / "summary.json").write_text(json.dumps(summary, indent=1))
+    _write_atomic(out / "summary.json", json.dumps(summary, indent=1))
     print(json.dumps(summary, indent=1))
     return 0
 
@@ -397,24 +469,31 @@ def _dedup_cmd(args) -> int:
     from guard_train.data.dedup import load_images_for_dedup, pairwise_precision_recall, run_dedup
     from guard_train.data.loaders import DataError, build_dataset, image_transform
 
+    from guard_train.config.paths import PathError, check_out_dir, mark_ours
+
     t0 = time.time()
-    try:
+    try:  # the backend, the output and the manifest are checked before any image is decoded or embedded
+        out = check_out_dir(args.out, own_files=("clusters.jsonl", "dedup_summary.json"))
+        _check_dedup_backend(args.backend)
+        truth = _read_manifest_arg(args.manifest) if args.manifest else None
         ds = build_dataset(args.source, args.data, args.image_column, args.caption_column, args.id_column,
                            image_transform(256, True, False))
-    except (DataError, FileNotFoundError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    imgs, ids, caps, bad = load_images_for_dedup(ds)
-    out = Path(args.out)
-    res = run_dedup(imgs, ids, caps, args.backend, args.threshold, cache=out / "cache")
+        imgs, ids, caps, bad = load_images_for_dedup(ds)
+        missing = [int(i) for i in ids if truth is not None and int(i) not in truth]
+        if missing:
+            raise DataError(f"--manifest {args.manifest!r} does not list items {missing[:5]} of --data; give the "
+                            f"manifest of this dataset")
+        mark_ours(out)
+        res = run_dedup(imgs, ids, caps, args.backend, args.threshold, cache=out / "cache")
+    except (DataError, FileNotFoundError, PathError) as e:
+        return _error(e)
+    except ValueError as e:  # the backend's own refusal (e.g. a TorchScript file that is not SSCD)
+        return _error(f"--backend {args.backend!r}: {e}")
     res.write(out)
     summ = {**res.summary(), "undecodable": len(bad), "wall_s": round(time.time() - t0, 1)}
-    if args.manifest:
-        from guard_train.data.lab import read_manifest
-
-        truth = {it.id: it.instance for it in read_manifest(Path(args.manifest).parent)}
+    if truth is not None:
         summ["vs_planted"] = pairwise_precision_recall(res.cluster, [truth[int(i)] for i in ids])
-    (out / "dedup_summary.json").write_text(json.dumps(summ, indent=1))
+    _write_atomic(out / "dedup_summary.json", json.dumps(summ, indent=1))
     print(f"{summ['items']} items, {summ['clusters']} clusters ({summ['duplicate_clusters']} with duplicates, "
           f"{summ['items_in_duplicate_clusters']} items in them); backend {res.backend}, threshold {res.threshold}")
     for c in summ["largest"]:
@@ -424,6 +503,39 @@ def _dedup_cmd(args) -> int:
         print(f"vs planted duplicates: pair precision {v['pair_precision']:.3f}, pair recall {v['pair_recall']:.3f}")
     print(f"wrote {out / 'clusters.jsonl'}")
     return 0
+
+
+DEDUP_BACKENDS = ("sscd", "sscd-distilled", "phash", "pixel")
+
+
+def _check_dedup_backend(backend: str) -> None:
+    from guard_train.config.paths import PathError
+
+    if backend.startswith("sscd-torchscript:"):
+        path = backend.split(":", 1)[1]
+        if not Path(path).is_file():
+            raise PathError(f"--backend {backend!r}: TorchScript file {path!r} does not exist")
+        return
+    if backend not in DEDUP_BACKENDS:
+        raise PathError(f"--backend {backend!r} is not a backend; use {', '.join(DEDUP_BACKENDS)} or "
+                        f"sscd-torchscript:<path>")
+
+
+def _read_manifest_arg(value: str) -> dict[int, int]:
+    """--manifest: the lab's manifest.jsonl itself, or the lab dir holding it → {item id: instance}."""
+    import json
+
+    from guard_train.config.paths import PathError, read_text_input
+
+    p = Path(value)
+    path = p / "manifest.jsonl" if p.is_dir() else p
+    text = read_text_input(str(path), "--manifest", "a lab manifest.jsonl (written by make-lab) or its lab dir")
+    try:
+        rows = [json.loads(l) for l in text.splitlines() if l.strip()]
+        return {int(r["id"]): int(r["instance"]) for r in rows}
+    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+        raise PathError(f"--manifest {str(path)!r}: each line must be a JSON lab item with 'id' and 'instance' "
+                        f"({type(e).__name__}: {e})") from None
 
 
 if __name__ == "__main__":

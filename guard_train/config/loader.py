@@ -12,7 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from guard_train.config.params import NONE_WORDS, ParamValueError, base_type, check_dataclass, type_hints
-from guard_train.config.schema import DATA_SOURCES, Config
+from guard_train.config.schema import Config
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 ALIASES = {"resume": "run.resume", "output_dir": "run.output_dir", "overwrite": "run.overwrite"}

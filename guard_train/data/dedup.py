@@ -179,4 +179,9 @@ def load_images_for_dedup(ds, size: int = 256) -> tuple[np.ndarray, np.ndarray, 
         imgs.append(((r["pixel_values"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
         ids.append(r["id"])
         caps.append(r["caption"])
+    if not imgs:  # np.stack would fail with "need at least one array to stack"
+        from guard_train.data.loaders import DataError
+
+        first = f" (item {bad[0][0]}: {bad[0][1]})" if bad else ""
+        raise DataError(f"none of the {len(bad)} images could be decoded{first}; check that the files are images")
     return np.stack(imgs), np.asarray(ids), caps, bad

@@ -29,6 +29,7 @@ from PIL import Image, ImageOps
 
 MAX_PIXELS = 64_000_000  # decompression-bomb guard (PIL's default warns at ~89 MP and errors at 2x)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
+IMAGE_SUFFIXES = IMAGE_KEYS + ("bmp", "gif", "tif", "tiff")  # what an imagefolder may hold
 
 
 class DataError(ValueError):
@@ -156,10 +157,29 @@ def collate(batch: list[dict]) -> dict:
 def _hf_dataset(source: str, path: str, image_column: str):
     import datasets
 
+    try:
+        ds = _hf_load(source, path)
+    except (OSError, ValueError, datasets.exceptions.DatasetsError) as e:  # empty folder, unreadable files, …
+        if isinstance(e, DataError):
+            raise
+        reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise DataError(f"{source} dataset at {path!r} could not be read ({type(e).__name__}: {reason}). Check the "
+                        f"path and that it holds {source} data") from None
+    if image_column in ds.column_names and isinstance(ds.features[image_column], datasets.Image):
+        ds = ds.cast_column(image_column, datasets.Image(decode=False))
+    return ds
+
+
+def _hf_load(source: str, path: str):
+    import datasets
+
     if source == "imagefolder":
         root = Path(path)
         if not root.is_dir():
             raise DataError(f"imagefolder root {path!r} is not a directory")
+        if not any(p.suffix.lower().lstrip(".") in IMAGE_SUFFIXES for p in root.rglob("*") if p.is_file()):
+            raise DataError(f"imagefolder root {path!r} holds no image files ({', '.join(IMAGE_SUFFIXES)}); point "
+                            f"data.path at the folder with the images and their metadata.jsonl")
         ds = datasets.load_dataset("imagefolder", data_dir=str(root), split="train")
     elif source == "parquet":
         files = sorted(glob.glob(path)) if any(c in path for c in "*?[") else (
@@ -178,8 +198,6 @@ def _hf_dataset(source: str, path: str, image_column: str):
         ds = datasets.load_dataset("webdataset", data_files=files, split="train")
     else:
         raise DataError(f"unknown source {source!r}")
-    if image_column in ds.column_names and isinstance(ds.features[image_column], datasets.Image):
-        ds = ds.cast_column(image_column, datasets.Image(decode=False))
     return ds
 
 

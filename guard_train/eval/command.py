@@ -123,16 +123,19 @@ def _reference(ref: str, prompts: str, per_group: int, seed: int):
             raise EvalInputError(f"--reference {ref!r} could not be read: {e}") from None
         reference, pset = Reference(imgs, [int(i) for i in ids]), None
     if prompts:
-        p = Path(prompts)
-        if not p.is_file():
-            raise EvalInputError(f"--prompts {prompts!r} not found")
-        lines = [l for l in p.read_text().splitlines() if l.strip()]
+        from guard_train.config.paths import PathError, read_text_input
+
+        try:
+            text = read_text_input(prompts, "--prompts", "a .txt (one prompt per line) or .jsonl ({\"prompt\": …}) file")
+        except PathError as e:
+            raise EvalInputError(str(e)) from None
+        lines = [l for l in text.splitlines() if l.strip()]
         try:
             rows = [json.loads(l) if l.lstrip().startswith("{") else {"prompt": l.strip()} for l in lines]
             pset = PromptSet([x["prompt"] for x in rows], [x.get("group", "all_prompts") for x in rows],
                              [int(x.get("owner", -1)) for x in rows])
-        except (json.JSONDecodeError, KeyError) as e:
-            raise EvalInputError(f"--prompts {prompts}: {e}") from None
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise EvalInputError(f"--prompts {prompts}: {type(e).__name__}: {e}") from None
     if pset is None:
         raise EvalInputError("give --prompts (the reference is not a lab directory with a manifest)")
     return reference, pset
@@ -146,9 +149,15 @@ def run_eval(a) -> int:
     from guard_train.metrics.embed import get_embedder
     from guard_train.models.loading import ModelLoadError
 
+    from guard_train.config.paths import PathError, check_out_dir, mark_ours
+
     state = PartialState(cpu=True) if not __import__("torch").cuda.is_available() else PartialState()
     main = state.is_main_process
     try:
+        try:
+            out = check_out_dir(a.out, own_files=("metrics.json",))
+        except PathError as e:
+            raise EvalInputError(str(e)) from None
         conditions = [parse_condition(c) for c in a.fail_if]
         methods = [m for m in a.methods.split(",") if m]
         bad = [m for m in methods if m not in METHODS]
@@ -156,7 +165,10 @@ def run_eval(a) -> int:
             raise EvalInputError(f"unknown method(s) {bad}; methods: {', '.join(METHODS)}")
         ckpts = _checkpoints(a.model, a.lora, a.run)
         ref, pset = _reference(a.reference, a.prompts, a.prompts_per_group, a.seed)
-        embedder = get_embedder(a.backend) if main else None
+        try:
+            embedder = get_embedder(a.backend) if main else None
+        except (ValueError, OSError) as e:  # an unknown backend, a missing TorchScript file
+            raise EvalInputError(f"--backend {a.backend!r}: {e}") from None
         aligner = None
         if main:
             from guard_train.eval.summary import SCORER_DIR
@@ -172,7 +184,6 @@ def run_eval(a) -> int:
                 clip = CLIPScorer(a.clip_model)
             except CLIPScoreError as e:
                 raise EvalInputError(str(e)) from None
-        out = Path(a.out)
         rows, per_prompt = [], []
         for name, ck in ckpts:
             engine = _load_engine(a.model, ck, a.max_batch)
@@ -184,7 +195,7 @@ def run_eval(a) -> int:
                     metrics["wall_s_per_image"] = wall / len(images)
                     rows.append({"checkpoint": name, "method": m, "metrics": metrics})
                     per_prompt += [{"checkpoint": name, "method": m, **r} for r in pp]
-                    out.mkdir(parents=True, exist_ok=True)
+                    mark_ours(out)
                     Image.fromarray(grid(images, pset, ref, a.num_images)).save(out / f"grid_{name}_{m}.png")
     except (EvalInputError, ModelLoadError) as e:
         if main:

@@ -27,6 +27,7 @@ from omegaconf import OmegaConf
 from tqdm.auto import tqdm
 
 from guard_train.config.loader import ConfigError, resolve_model_path
+from guard_train.config.paths import PathError, check_replaceable, has_content, mark_ours
 from guard_train.config.schema import Config
 from guard_train.data import loaders
 from guard_train.data.lab import build_lab, write_imagefolder
@@ -73,7 +74,11 @@ def _decide_run_dir(cfg: Config) -> tuple[str, Optional[str]]:
     if cfg.run.resume == "latest":
         last = ckpt.latest_checkpoint(run_dir)
         return str(run_dir), (str(last) if last else None)
-    if run_dir.exists() and any(run_dir.iterdir()):
+    try:  # never delete (or write into) a directory a run of ours did not create: run.overwrite cannot either
+        check_replaceable(run_dir, "output directory")
+    except PathError as e:
+        raise ConfigError(str(e)) from None
+    if has_content(run_dir):
         if not cfg.run.overwrite:
             raise ConfigError(
                 f"output directory {str(run_dir)!r} already holds a run. Pass resume=latest to continue it, "
@@ -103,6 +108,7 @@ def make_dataset(cfg: Config, run_dir: Path, acc: Accelerator) -> tuple[loaders.
         root = run_dir / "data"
         with acc.main_process_first():
             if acc.is_main_process and not (root / "manifest.jsonl").exists():
+                mark_ours(run_dir)
                 write_imagefolder(build_lab(d.lab), root)
         return loaders.build_dataset("imagefolder", str(root), "image", "text", "id", tf, cfg.train.seed), root
     ds = loaders.build_dataset(d.source, d.path, d.image_column, d.caption_column, d.id_column, tf,
@@ -441,6 +447,9 @@ class Trainer:
         if self.streaming:  # the stream shards itself across ranks; epoch length unknown (max_steps required)
             self.sampler, self.steps_per_epoch = self.dataset, 1
         else:
+            if len(self.dataset) < self.world * t.batch_size:  # else the sampler fails deep inside with a ValueError
+                raise ConfigError(f"train.batch_size={t.batch_size} × {self.world} process(es) is more than the "
+                                  f"{len(self.dataset)} items of the dataset; lower train.batch_size")
             if self.hooks.sampler_factory is not None:
                 self.sampler = self.hooks.sampler_factory(len(self.dataset), t.seed, self.rank, self.world,
                                                           t.batch_size, dataset=self.dataset, run_dir=self.run_dir,
@@ -463,7 +472,7 @@ class Trainer:
             acc.print(f"resumed from {self.resume_from} at step {self.step} (epoch {self.epoch}, "
                       f"{self.items_done} items into it on rank {self.rank})")
         if acc.is_main_process:
-            self.run_dir.mkdir(parents=True, exist_ok=True)
+            mark_ours(self.run_dir)  # the marker run.overwrite checks before it deletes anything
             (self.run_dir / "config.yaml").write_text(OmegaConf.to_yaml(OmegaConf.structured(cfg)))
             if self.resume_from or cfg.run.resume:  # also resume=latest before any checkpoint: a fresh start
                 _drop_metrics_after(self.run_dir, self.step)
@@ -494,7 +503,11 @@ class Trainer:
             # means the data is unusable.
             good, tried = acc.reduce(torch.tensor([self.good_seen, self.tried_seen], device=acc.device), "sum").tolist()
             if tried > 0 and good == 0:
-                raise loaders.DataError("no image in the dataset could be decoded; see bad_items.json")
+                bad = self._gather_bad()  # every rank is here together (the reduce above): the gather is safe
+                if acc.is_main_process:
+                    loaders.write_bad_items(bad, self.run_dir / "bad_items.json")
+                raise loaders.DataError(f"no image in the dataset could be decoded; the {len(bad)} items and their "
+                                        f"errors are listed in {self.run_dir / 'bad_items.json'}")
             for cb in self.hooks.callbacks:
                 cb.on_epoch_end(self._state())
 
