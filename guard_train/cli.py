@@ -485,7 +485,9 @@ def _dedup_cmd(args) -> int:
                             f"manifest of this dataset")
         mark_ours(out)
         res = run_dedup(imgs, ids, caps, args.backend, args.threshold, cache=out / "cache")
-    except (DataError, FileNotFoundError, PathError) as e:
+    except (DataError, FileNotFoundError) as e:
+        return _error(e if args.data in str(e) else f"--data {args.data!r}: {e}")
+    except PathError as e:
         return _error(e)
     except ValueError as e:  # the backend's own refusal (e.g. a TorchScript file that is not SSCD)
         return _error(f"--backend {args.backend!r}: {e}")

@@ -25,7 +25,7 @@ from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
 MAX_PIXELS = 64_000_000  # decompression-bomb guard (PIL's default warns at ~89 MP and errors at 2x)
 IMAGE_KEYS = ("jpg", "jpeg", "png", "webp")
@@ -75,7 +75,10 @@ def decode_image(value: Any, root: Optional[Path] = None) -> Image.Image:
             raise ValueError("zero-byte image")
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            img = Image.open(io.BytesIO(data))
+            try:
+                img = Image.open(io.BytesIO(data))
+            except UnidentifiedImageError:  # its message names an in-memory buffer, not the problem
+                raise ValueError("not an image file PIL can read (unknown or damaged format)") from None
             if img.width * img.height > MAX_PIXELS:
                 raise ValueError(f"image of {img.width}x{img.height} px exceeds the {MAX_PIXELS} px guard")
             img.load()  # raises on truncated files
