@@ -1,7 +1,9 @@
 """Checkpoints: `checkpoint-N.tmp/` written by all ranks, renamed by rank 0, completed by a `COMPLETE` marker.
 
 "latest" = the highest N whose directory has the marker, so a run killed mid-save never resumes from a partial
-directory; rotation deletes only complete checkpoints older than the newest K.
+directory; rotation deletes only complete checkpoints older than the newest K. A complete checkpoint whose files
+were damaged afterwards (truncated, zero bytes) is detected before loading (`damaged`): `resume=latest` falls back
+to the previous complete one with a warning (`latest_loadable`).
 """
 
 from __future__ import annotations
@@ -10,6 +12,7 @@ import json
 import os
 import re
 import shutil
+import zipfile
 from pathlib import Path
 from typing import Optional
 
@@ -28,6 +31,67 @@ def complete_checkpoints(run_dir: Path) -> list[Path]:
 def latest_checkpoint(run_dir: Path) -> Optional[Path]:
     c = complete_checkpoints(run_dir)
     return c[-1] if c else None
+
+
+def damaged(ckpt: Path) -> Optional[str]:
+    """The first file of a complete checkpoint that cannot be loaded, as "path: why", or None. Cheap checks only
+    (sizes, headers, zip directories), so a multi-GB checkpoint is not read twice: a zero-byte file, unparsable
+    training_state.json, a safetensors file whose header or length is wrong, a torch zip without its directory
+    (what truncation leaves)."""
+    for f in sorted(p for p in Path(ckpt).rglob("*") if p.is_file()):
+        why = _file_problem(f)
+        if why:
+            return f"{f}: {why}"
+    return None
+
+
+def _file_problem(f: Path) -> Optional[str]:
+    size = f.stat().st_size
+    if size == 0:
+        return "zero bytes"
+    if f.name == "training_state.json":
+        try:
+            json.loads(f.read_text())
+        except (ValueError, UnicodeDecodeError) as e:
+            return f"not valid JSON ({e})"
+    elif f.suffix == ".safetensors":
+        return _safetensors_problem(f, size)
+    elif f.suffix in (".bin", ".pt", ".pkl", ".pth"):
+        with open(f, "rb") as fh:
+            zipped = fh.read(2) == b"PK"  # torch.save's zip format; a truncated one has lost its directory
+        if zipped and not zipfile.is_zipfile(f):
+            return "truncated (its zip directory is missing)"
+    return None
+
+
+def _safetensors_problem(f: Path, size: int) -> Optional[str]:
+    """The header is 8 bytes of length + JSON with every tensor's data offsets: the file must hold them all."""
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return "truncated (no header)"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            return "truncated (header longer than the file)"
+        try:
+            meta = json.loads(fh.read(n))
+        except (ValueError, UnicodeDecodeError):
+            return "damaged header"
+    end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+    if 8 + n + end > size:
+        return f"truncated ({size} bytes, its header describes {8 + n + end})"
+    return None
+
+
+def latest_loadable(run_dir: Path) -> tuple[Optional[Path], list[str]]:
+    """(the newest complete checkpoint with no damaged file, the damaged newer ones as "path: why")."""
+    skipped = []
+    for c in reversed(complete_checkpoints(run_dir)):
+        why = damaged(c)
+        if why is None:
+            return c, skipped
+        skipped.append(why)
+    return None, skipped
 
 
 def tmp_dir(run_dir: Path, step: int) -> Path:

@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -64,15 +65,18 @@ def _decide_run_dir(cfg: Config) -> tuple[str, Optional[str]]:
         c = Path(cfg.run.resume)
         if not (c / ckpt.MARKER).exists():
             raise ConfigError(f"run.resume {str(c)!r} is not a complete checkpoint (no {ckpt.MARKER} marker)")
+        why = ckpt.damaged(c)
+        if why:
+            raise ConfigError(f"run.resume {str(c)!r} is damaged ({why}); resume from another checkpoint-N")
         return str(c.parent.parent), str(c)
     if cfg.run.resume == "latest" and not cfg.run.name:
         runs = sorted((p for p in out.glob(f"{cfg.recipe}-*") if ckpt.latest_checkpoint(p)), key=lambda p: p.name)
         if runs:
-            return str(runs[-1]), str(ckpt.latest_checkpoint(runs[-1]))
+            return str(runs[-1]), str(_loadable_checkpoint(runs[-1]))
     name = cfg.run.name or f"{cfg.recipe}-{time.strftime('%Y%m%d-%H%M%S')}"
     run_dir = out / name
     if cfg.run.resume == "latest":
-        last = ckpt.latest_checkpoint(run_dir)
+        last = _loadable_checkpoint(run_dir)
         return str(run_dir), (str(last) if last else None)
     try:  # never delete (or write into) a directory a run of ours did not create: run.overwrite cannot either
         check_replaceable(run_dir, "output directory")
@@ -86,6 +90,19 @@ def _decide_run_dir(cfg: Config) -> tuple[str, Optional[str]]:
             )
         shutil.rmtree(run_dir)
     return str(run_dir), None
+
+
+def _loadable_checkpoint(run_dir: Path) -> Optional[Path]:
+    """resume=latest: the newest complete checkpoint whose files are intact. A damaged newer one (a truncated or
+    zero-byte file) is skipped with a warning; when every complete checkpoint is damaged, exit 2 naming the file."""
+    last, skipped = ckpt.latest_loadable(run_dir)
+    if skipped and last is None:
+        raise ConfigError(f"no checkpoint of {str(run_dir)!r} can be resumed: {'; '.join(skipped)}. Restore the "
+                          f"file, or start over with run.overwrite=true or another run.name")
+    for why in skipped:
+        print(f"warning: skipping a damaged checkpoint ({why}); resuming from the previous complete one, {last}",
+              file=sys.stderr)
+    return last
 
 
 # ---------------------------------------------------------------------------------------------------------------
@@ -306,6 +323,8 @@ class Trainer:
                               f"same number of processes (got {self.world})")
         import pickle
 
+        from safetensors import SafetensorError
+
         try:  # every file is loaded weights_only (accelerate's too): a tampered pickle is refused, never run
             self.acc.load_state(str(path))
             from accelerate.utils import load as acc_load
@@ -315,7 +334,7 @@ class Trainer:
             rs = torch.load(path / f"rank_state_{self.rank}.pt", weights_only=True)  # tensors and plain data only
             if self.ema is not None:
                 self.ema.load_state_dict(torch.load(path / "ema.pt", weights_only=True))
-        except (pickle.UnpicklingError, RuntimeError, EOFError, FileNotFoundError) as e:
+        except (pickle.UnpicklingError, RuntimeError, EOFError, FileNotFoundError, SafetensorError, ValueError) as e:
             raise ConfigError(
                 f"checkpoint {path} could not be loaded safely: {str(e).splitlines()[0][:300]}. A file in it is "
                 f"missing, corrupted or holds more than tensors (refused: loading it could run code). Resume from "
