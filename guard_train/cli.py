@@ -194,7 +194,8 @@ def main(argv: list[str] | None = None) -> int:
     dd.add_argument("--image-column", default="image")
     dd.add_argument("--caption-column", default="text")
     dd.add_argument("--id-column", default="")
-    dd.add_argument("--backend", default="sscd", help="sscd | phash | sscd-torchscript:<path>")
+    dd.add_argument("--backend", default="sscd", help="sscd | sscd-distilled | phash | pixel | sscd-torchscript:<path> "
+                                                      "(TorchScript can run code: load only a file you trust)")
     dd.add_argument("--threshold", type=arg_type(float, NON_NEG), default=0.0,
                     help="0 = backend default (SSCD 0.6, pHash 8 bits)")
     dd.add_argument("--out", required=True)
@@ -232,7 +233,8 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--seed", type=seed, default=0)
     ev.add_argument("--prompts-per-group", type=count, default=8)
     ev.add_argument("--threshold", type=arg_type(float, OPEN_UNIT), default=0.5)
-    ev.add_argument("--backend", default="sscd", help="sscd | sscd-distilled | sscd-torchscript:<path> | pixel")
+    ev.add_argument("--backend", default="sscd", help="sscd | sscd-distilled | sscd-torchscript:<path> | pixel "
+                                                      "(TorchScript can run code: load only a file you trust)")
     ev.add_argument("--clip-model", default="", help="local transformers CLIPModel dir: adds a clip_score column")
     ev.add_argument("--max-batch", type=count, default=64)
     ev.add_argument("--fail-if", action="append", default=[], metavar="COND", help='e.g. "duplicated.copy_rate>0.05"')
@@ -244,7 +246,9 @@ def main(argv: list[str] | None = None) -> int:
     lb.add_argument("--arms", default="", help="training arms, comma-separated (default: all)")
     lb.add_argument("--methods", default="", help="inference arms, comma-separated (default: all)")
     lb.add_argument("--model", default="models/tiny-sd")
-    lb.add_argument("--backend", default="sscd")
+    lb.add_argument("--backend", default="sscd", help="copy metric: sscd | sscd-distilled | pixel | "
+                                                      "sscd-torchscript:<path> (TorchScript can run code: load only a "
+                                                      "file you trust)")
     lb.add_argument("--infer-model", default="", help="inference arms' model: a LoRA dir (on the base its "
                                                       "build_info.json names, else --model), or 'plain' (the "
                                                       "plain arm of each seed); default: the size's (full: "

@@ -169,7 +169,12 @@ def build_base(cfg: PretrainConfig) -> Path:
     t0 = time.time()
     state_path = work / "trainer_state.pt"
     if cfg.init_from:
-        pipe = StableDiffusionPipeline.from_pretrained(cfg.init_from, safety_checker=None, local_files_only=True)
+        from guard_train.models.loading import ModelLoadError, load_pipeline
+
+        try:  # use_safetensors=True (load_pipeline): pickled weights could run code, and are refused
+            pipe = load_pipeline(cfg.init_from)
+        except ModelLoadError as e:
+            raise ConfigError(f"--init-from: {e}") from None
         info = Path(cfg.init_from) / "build_info.json"  # absent on a model build-base did not make
         prev = json.loads(info.read_text()) if info.is_file() else {}
     else:
@@ -259,7 +264,8 @@ def build_base(cfg: PretrainConfig) -> Path:
                         "ema": ema.state_dict(), "step": step}, str(state_path) + ".tmp")
             os.replace(str(state_path) + ".tmp", state_path)
         if cfg.sample_every and (step % cfg.sample_every == 0 or step == cfg.steps or out_of_time):
-            p = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, local_files_only=True)
+            p = StableDiffusionPipeline.from_pretrained(out, safety_checker=None, local_files_only=True,
+                                                        use_safetensors=True)
             p.set_progress_bar_config(disable=True)
             sample_grid(p, EVAL_CAPTIONS, work / f"samples_{prior_steps + step:06d}.png")
         if out_of_time:
