@@ -366,13 +366,13 @@ def _generate_cmd(args) -> int:
 
     from PIL import Image
 
-    from guard_train.config.loader import resolve_model_path
     from guard_train.guidance.base import ParamError
     from guard_train.guidance.engine import GuidanceEngine
     from guard_train.guidance.strategies import get_strategy
     from guard_train.models.loading import ModelLoadError
 
-    from guard_train.config.paths import PathError, check_out_dir, mark_ours
+    from guard_train.config.loader import ConfigError, check_model_arg
+    from guard_train.config.paths import PathError, check_lora_input, check_out_dir, mark_ours
 
     params = {}
     try:  # every input checked before the model loads or anything is written
@@ -384,11 +384,13 @@ def _generate_cmd(args) -> int:
                 raise ParamError(f"--param expects K=V, got {kv!r}")
             params[k] = v
         get_strategy(args.method, **params)
-        engine = GuidanceEngine.from_pretrained(resolve_model_path(args.model), lora=args.lora or None,
-                                                max_batch=args.max_batch)
+        model = check_model_arg(args.model)
+        if args.lora:
+            check_lora_input(args.lora, "--lora")
+        engine = GuidanceEngine.from_pretrained(model, lora=args.lora or None, max_batch=args.max_batch)
         res = engine.generate(prompts, method=args.method, num_images=args.num_images, seed=args.seed,
                               steps=args.steps, progress=True, **params)
-    except (ParamError, ModelLoadError, PathError) as e:
+    except (ParamError, ModelLoadError, PathError, ConfigError) as e:
         return _error(e)
     mark_ours(out)
     lines = []
@@ -428,17 +430,20 @@ def _detect_cmd(args) -> int:
 
     import numpy as np
 
-    from guard_train.config.loader import resolve_model_path
     from guard_train.guidance.engine import GuidanceEngine
     from guard_train.metrics.detection import detect, summarize
     from guard_train.models.loading import ModelLoadError
 
-    from guard_train.config.paths import PathError, check_out_dir, mark_ours, read_text_input
+    from guard_train.config.loader import ConfigError, check_model_arg
+    from guard_train.config.paths import PathError, check_lora_input, check_out_dir, mark_ours, read_text_input
 
     try:
         out = check_out_dir(args.out, own_files=("summary.json", "scores.csv"))
         text = read_text_input(args.prompts, "--prompts", 'a jsonl file: {"prompt": ..., "label": 0|1} per line')
-    except PathError as e:
+        model = check_model_arg(args.model)
+        if args.lora:
+            check_lora_input(args.lora, "--lora")
+    except (PathError, ConfigError) as e:
         return _error(e)
     try:
         rows = [json.loads(l) for l in text.splitlines() if l.strip()]
@@ -446,7 +451,7 @@ def _detect_cmd(args) -> int:
     except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
         return _error(f"{args.prompts}: each line must be JSON with 'prompt' and 'label' (0/1): {e}")
     try:
-        eng = GuidanceEngine.from_pretrained(resolve_model_path(args.model), lora=args.lora or None)
+        eng = GuidanceEngine.from_pretrained(model, lora=args.lora or None)
     except ModelLoadError as e:
         return _error(e)
     scores, per_prompt_s = detect(eng, prompts, args.num_images, args.steps, args.seed)

@@ -74,6 +74,11 @@ CASES = [
     Case("train-recipe-not-yaml", "train", ["recipe={w}/bad.yaml"], "bad.yaml"),
     Case("train-recipe-binary", "train", ["recipe={w}/binary.yaml"], "binary.yaml"),
     Case("train-empty-imagefolder", "train", _img_data("data.path={w}/empty"), "empty"),
+    Case("train-model-path-is-a-file", "train", _train("model.path={w}/file.txt"), "model.path"),
+    Case("train-init-lora-not-safetensors", "train", _train("train.mode=lora", "train.init_lora={w}/badlora"),
+         "train.init_lora"),
+    Case("train-parquet-not-parquet", "train", _train("data.source=parquet", "data.path={w}/x.parquet",
+                                                      "eval.every_n_steps=0"), "x.parquet"),
     Case("train-batch-larger-than-data", "train", _img_data("data.path={w}/good", "train.batch_size=64"),
          "train.batch_size"),
     Case("train-all-images-corrupt", "train",
@@ -89,6 +94,8 @@ CASES = [
     Case("generate-max-batch-0", "cli", [*GEN, "--max-batch", "0", "--out", "{w}/out"], "--max-batch"),
     Case("generate-prompts-binary", "cli", [*GEN, "--prompts", "{w}/binary.bin", "--out", "{w}/out"], "binary.bin"),
     Case("generate-prompts-empty-file", "cli", [*GEN, "--prompts", "{w}/blank.txt", "--out", "{w}/out"], "blank.txt"),
+    Case("generate-model-missing", "cli", [*GEN, "--model", "{w}/nope", "--out", "{w}/out"], "--model"),
+    Case("generate-lora-not-safetensors", "cli", [*GEN, "--lora", "{w}/badlora", "--out", "{w}/out"], "--lora"),
     Case("generate-out-is-a-file", "cli", [*GEN, "--out", "{w}/file.txt"], "file.txt"),
     Case("generate-out-user-folder", "cli", [*GEN, "--out", "{w}/mine"], "mine"),
     # guard-train detect
@@ -106,6 +113,7 @@ CASES = [
     Case("eval-num-images-0", "cli", [*EVAL, "--num-images", "0", "--out", "{w}/out"], "--num-images"),
     Case("eval-unknown-backend", "cli", [*EVAL, "--backend", "nope", "--out", "{w}/out"], "--backend"),
     Case("eval-unknown-method", "cli", [*EVAL, "--methods", "cfg,nope", "--out", "{w}/out"], "nope"),
+    Case("eval-lora-not-safetensors", "cli", [*EVAL, "--lora", "{w}/badlora", "--out", "{w}/out"], "badlora"),
     Case("eval-out-is-a-file", "cli", [*EVAL, "--out", "{w}/file.txt"], "file.txt"),
     # guard-train dedup
     Case("dedup-all-corrupt", "cli", [*DEDUP, "--data", "{w}/corrupt", "--out", "{w}/out"], "corrupt"),
@@ -151,6 +159,9 @@ def workspace(tmp_path_factory) -> Path:
     (w / "prompts.txt").write_text("a red circle on a cat photo\n")
     (w / "detect.jsonl").write_text(json.dumps({"prompt": "a red circle", "label": 1}) + "\n")
     (w / "empty").mkdir()
+    (w / "x.parquet").write_bytes(b"not parquet" * 50)
+    (w / "badlora").mkdir()
+    (w / "badlora" / "pytorch_lora_weights.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{}garbage")
     for name, good in (("good", True), ("corrupt", False)):
         d = w / name
         d.mkdir()
@@ -168,9 +179,23 @@ def _tree(w: Path) -> dict[str, bytes]:
     return {str(p.relative_to(w)): (p.read_bytes() if p.is_file() else b"<dir>") for p in sorted(w.rglob("*"))}
 
 
+def _point_log_handlers_at_stderr() -> None:
+    """Libraries (datasets) keep the stderr of the test that first logged; capsys closes it after that test, and a
+    later log line would print a "Logging error" traceback of the test harness, not of the product."""
+    import logging
+    import sys
+
+    for lg in [logging.getLogger(), *[l for l in logging.root.manager.loggerDict.values()
+                                      if isinstance(l, logging.Logger)]]:
+        for h in lg.handlers:
+            if type(h) is logging.StreamHandler:
+                h.stream = sys.stderr  # not setStream: it flushes the closed one
+
+
 def _run_in_process(case: Case, argv: list[str]) -> int:
     from guard_train.cli import main, train_main
 
+    _point_log_handlers_at_stderr()
     try:
         return train_main(argv) if case.entry == "train" else main(argv)
     except SystemExit as e:  # argparse's refusal of a flag value

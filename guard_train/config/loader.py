@@ -12,6 +12,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationError
 
 from guard_train.config.params import NONE_WORDS, ParamValueError, base_type, check_dataclass, type_hints
+from guard_train.config.paths import PathError, check_lora_input, check_run_name
 from guard_train.config.schema import Config
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
@@ -175,6 +176,7 @@ def validate(cfg: Config) -> None:
     if t.init_lora:
         _check(Path(t.init_lora).exists(), f"train.init_lora: {t.init_lora} does not exist (a LoRA dir with "
                "pytorch_lora_weights.safetensors, or the .safetensors file)")
+        _check_input(lambda: check_lora_input(t.init_lora, "train.init_lora"))
     from diffusers.optimization import SchedulerType
 
     names = [x.value for x in SchedulerType]
@@ -214,11 +216,14 @@ def validate(cfg: Config) -> None:
            "version; turn it off with eval.every_n_steps=0 eval.every_n_epochs=0 eval.at_end=false")
     _check(cfg.run.resume in ("", "latest") or Path(cfg.run.resume).is_dir(),
            f"run.resume must be '', 'latest' or an existing checkpoint directory, got {cfg.run.resume!r}")
-    from guard_train.config.paths import check_run_name
+    _check_input(lambda: check_run_name(cfg.run.name, cfg.run.output_dir))
 
+
+def _check_input(fn) -> None:
+    """A path check of config/paths.py, its refusal as a ConfigError (exit 2)."""
     try:
-        check_run_name(cfg.run.name, cfg.run.output_dir)
-    except ValueError as e:
+        fn()
+    except PathError as e:
         raise ConfigError(str(e)) from None
 
 
@@ -228,26 +233,36 @@ def _expand(path: str) -> list[str]:
     return glob.glob(path) or [path]
 
 
-def _check_model_path(path: str) -> None:
-    """A local diffusers dir, or a hub id that is already in the local HF cache (offline use)."""
+def _check_model_path(path: str, key: str = "model.path") -> None:
+    """A local diffusers dir, or a hub id that is already in the local HF cache (offline use). `key` names the
+    setting in the message (the config key, or a CLI flag such as --model)."""
     p = Path(path)
     if p.is_dir():
         _check((p / "model_index.json").exists() or (p / "unet").is_dir(),
-               f"model.path {path!r} is a directory but not a diffusers Stable Diffusion layout "
+               f"{key} {path!r} is a directory but not a diffusers Stable Diffusion layout "
                f"(no model_index.json). Save one with pipe.save_pretrained(dir).")
         return
+    _check(not p.exists(), f"{key} {path!r} is a file; point it at a diffusers SD directory (model_index.json, "
+                           f"unet/, vae/, …)")
     looks_like_hub_id = path.count("/") == 1 and not path.startswith((".", "/"))
     if looks_like_hub_id:
         from huggingface_hub import try_to_load_from_cache
 
         hit = try_to_load_from_cache(path, "model_index.json")
         _check(isinstance(hit, str),
-               f"model.path {path!r} is not a local directory and is not in the local Hugging Face cache. "
+               f"{key} {path!r} is not a local directory and is not in the local Hugging Face cache. "
                f"On a machine with access run `huggingface-cli download {path}` (or save the pipeline with "
                f"save_pretrained) and point model.path at the directory.")
         return
-    raise ConfigError(f"model.path {path!r} does not exist. Point it at a diffusers SD directory "
+    raise ConfigError(f"{key} {path!r} does not exist. Point it at a diffusers SD directory "
                       f"(the embedded default is models/tiny-sd).")
+
+
+def check_model_arg(path: str, flag: str = "--model") -> str:
+    """A CLI flag naming a base model: the same rule as model.path (resolved like it); returns the resolved path."""
+    resolved = resolve_model_path(path)
+    _check_model_path(resolved, flag)
+    return resolved
 
 
 def resolve_model_path(path: str) -> str:

@@ -7,7 +7,9 @@ user's own folder is refused with a message naming it. `run.name` must stay insi
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
+from typing import Optional
 
 RUN_MARKER = ".guard_train_run"
 
@@ -95,3 +97,45 @@ def read_text_input(path: str, flag: str, what: str = "a UTF-8 text file") -> st
     if not text.strip():
         raise PathError(f"{flag} {path!r} is empty; give {what}")
     return text
+
+
+def safetensors_problem(f: Path) -> Optional[str]:
+    """Why a .safetensors file cannot be read, or None; reads only its header. The header (8 bytes of length, then
+    JSON with every tensor's data offsets) must parse and the file must hold all the data it describes."""
+    size = Path(f).stat().st_size
+    with open(f, "rb") as fh:
+        head = fh.read(8)
+        if len(head) < 8:
+            return "truncated (no header)" if size else "zero bytes"
+        n = int.from_bytes(head, "little")
+        if n > size - 8:
+            return "truncated (header longer than the file)"
+        try:
+            meta = json.loads(fh.read(n))
+            end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
+        except (ValueError, UnicodeDecodeError, KeyError, TypeError, AttributeError, IndexError):
+            return "damaged header (not a safetensors file?)"
+    if 8 + n + end > size:
+        return f"truncated ({size} bytes, its header describes {8 + n + end})"
+    return None
+
+
+LORA_FILE = "pytorch_lora_weights.safetensors"
+
+
+def check_lora_input(path: str, flag: str) -> None:
+    """A LoRA given by the user: a directory holding pytorch_lora_weights.safetensors, or a .safetensors file,
+    readable (pickled .bin LoRAs are refused: loading them could run code)."""
+    p = Path(path)
+    if not p.exists():
+        raise PathError(f"{flag} {path!r} does not exist; give a LoRA directory with {LORA_FILE}")
+    f = p / LORA_FILE if p.is_dir() else p
+    if not f.is_file():
+        raise PathError(f"{flag} {path!r} has no {LORA_FILE}; give a LoRA saved with diffusers' save_lora_weights "
+                        f"(safetensors)")
+    if f.suffix != ".safetensors":
+        raise PathError(f"{flag} {path!r} is not a .safetensors file (pickled weights are refused: loading them could "
+                        f"run code)")
+    why = safetensors_problem(f)
+    if why:
+        raise PathError(f"{flag} {str(f)!r} cannot be read: {why}")

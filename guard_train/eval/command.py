@@ -18,6 +18,7 @@ import csv
 import io
 import json
 import operator
+import os
 import re
 import sys
 from pathlib import Path
@@ -68,9 +69,13 @@ def _checkpoints(base: str, loras: list[str], run: str) -> list[tuple[str, str |
             out.append((c.name, str(c)))
         if not out:
             raise EvalInputError(f"--run {run!r} has no complete checkpoint and no final/")
+    from guard_train.config.paths import PathError, check_lora_input
+
     for l in loras:
-        if not Path(l).exists():
-            raise EvalInputError(f"--lora {l!r} does not exist")
+        try:
+            check_lora_input(l, "--lora")
+        except PathError as e:
+            raise EvalInputError(str(e)) from None
         out.append((Path(l).name, l))
     return out or [("base", None)]
 
@@ -149,6 +154,7 @@ def run_eval(a) -> int:
     from guard_train.metrics.embed import get_embedder
     from guard_train.models.loading import ModelLoadError
 
+    from guard_train.config.loader import ConfigError, check_model_arg
     from guard_train.config.paths import PathError, check_out_dir, mark_ours
 
     state = PartialState(cpu=True) if not __import__("torch").cuda.is_available() else PartialState()
@@ -163,6 +169,10 @@ def run_eval(a) -> int:
         bad = [m for m in methods if m not in METHODS]
         if bad:
             raise EvalInputError(f"unknown method(s) {bad}; methods: {', '.join(METHODS)}")
+        try:
+            check_model_arg(a.model)
+        except ConfigError as e:
+            raise EvalInputError(str(e)) from None
         ckpts = _checkpoints(a.model, a.lora, a.run)
         ref, pset = _reference(a.reference, a.prompts, a.prompts_per_group, a.seed)
         try:
@@ -204,14 +214,16 @@ def run_eval(a) -> int:
     if not main:
         return 0
     violations = check_gate(rows, conditions)
-    (out / "metrics.json").write_text(json.dumps({"backend": embedder.name, "rows": rows,
-                                                  "gate": {"conditions": a.fail_if, "violations": violations}},
-                                                 indent=1))
     with open(out / "per_prompt.csv", "w", newline="") as f:
         w = csv.DictWriter(f, fieldnames=list(per_prompt[0]))
         w.writeheader()
         w.writerows(per_prompt)
     (out / "report.html").write_text(report_html(rows, embedder.name, violations))
+    # metrics.json last and atomically (tmp + rename): when it is there, the whole evaluation is
+    tmp = out / "metrics.json.tmp"
+    tmp.write_text(json.dumps({"backend": embedder.name, "rows": rows,
+                               "gate": {"conditions": a.fail_if, "violations": violations}}, indent=1))
+    os.replace(tmp, out / "metrics.json")
     for r in rows:
         g = r["metrics"]["groups"]
         print(f"{r['checkpoint']:>16} {r['method']:>16}  " + "  ".join(

@@ -16,6 +16,8 @@ import zipfile
 from pathlib import Path
 from typing import Optional
 
+from guard_train.config.paths import safetensors_problem
+
 MARKER = "COMPLETE"
 _PAT = re.compile(r"^checkpoint-(\d+)$")
 
@@ -55,31 +57,12 @@ def _file_problem(f: Path) -> Optional[str]:
         except (ValueError, UnicodeDecodeError) as e:
             return f"not valid JSON ({e})"
     elif f.suffix == ".safetensors":
-        return _safetensors_problem(f, size)
+        return safetensors_problem(f)
     elif f.suffix in (".bin", ".pt", ".pkl", ".pth"):
         with open(f, "rb") as fh:
             zipped = fh.read(2) == b"PK"  # torch.save's zip format; a truncated one has lost its directory
         if zipped and not zipfile.is_zipfile(f):
             return "truncated (its zip directory is missing)"
-    return None
-
-
-def _safetensors_problem(f: Path, size: int) -> Optional[str]:
-    """The header is 8 bytes of length + JSON with every tensor's data offsets: the file must hold them all."""
-    with open(f, "rb") as fh:
-        head = fh.read(8)
-        if len(head) < 8:
-            return "truncated (no header)"
-        n = int.from_bytes(head, "little")
-        if n > size - 8:
-            return "truncated (header longer than the file)"
-        try:
-            meta = json.loads(fh.read(n))
-        except (ValueError, UnicodeDecodeError):
-            return "damaged header"
-    end = max((v["data_offsets"][1] for k, v in meta.items() if k != "__metadata__"), default=0)
-    if 8 + n + end > size:
-        return f"truncated ({size} bytes, its header describes {8 + n + end})"
     return None
 
 
