@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -105,11 +106,13 @@ class DedupResult:
     def write(self, out: Path) -> Path:
         out.mkdir(parents=True, exist_ok=True)
         cs, gs = self.sizes(self.cluster), self.sizes(self.caption_group)
-        with open(out / "clusters.jsonl", "w") as f:
+        tmp = out / "clusters.jsonl.tmp"  # renamed into place when whole: a reader never sees half a file
+        with open(tmp, "w") as f:
             for i, rid in enumerate(self.ids):
                 f.write(json.dumps({"id": int(rid), "cluster": int(self.ids[self.cluster[i]]), "cluster_size": int(cs[i]),
                                     "caption_group": int(self.ids[self.caption_group[i]]),
                                     "caption_group_size": int(gs[i])}) + "\n")
+        os.replace(tmp, out / "clusters.jsonl")
         return out / "clusters.jsonl"
 
     def summary(self, top: int = 10) -> dict:

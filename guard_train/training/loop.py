@@ -691,23 +691,26 @@ class Trainer:
     def _export_final(self) -> None:
         acc = self.acc
         final = self.run_dir / "final"
+        tmp = self.run_dir / "final.tmp"  # written whole, then renamed: a killed export never looks complete
         bad = self._gather_bad()
         if acc.is_main_process:
-            if final.exists():
-                shutil.rmtree(final)
+            shutil.rmtree(tmp, ignore_errors=True)
             if self.ema is not None:
                 self.ema.store(self.params)
                 self.ema.copy_to(self.params)
             if self.cfg.train.mode == "lora":
                 from diffusers import StableDiffusionPipeline
 
-                StableDiffusionPipeline.save_lora_weights(final, unet_lora_layers=self._lora_state(),
+                StableDiffusionPipeline.save_lora_weights(tmp, unet_lora_layers=self._lora_state(),
                                                           safe_serialization=True)
-                (final / "base_model.txt").write_text(str(self.model_path) + "\n")
+                (tmp / "base_model.txt").write_text(str(self.model_path) + "\n")
             else:
-                self.pipeline().save_pretrained(final)
+                self.pipeline().save_pretrained(tmp)
             if self.ema is not None:
                 self.ema.restore(self.params)
+            if final.exists():
+                shutil.rmtree(final)
+            os.replace(tmp, final)
             loaders.write_bad_items(bad, self.run_dir / "bad_items.json")
             self.metrics["bad_items"] = len(bad)
         acc.wait_for_everyone()
