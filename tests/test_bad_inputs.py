@@ -55,6 +55,7 @@ CASES = [
     Case("train-name-dotdot", "train", _train("run.name=../../elsewhere"), "run.name"),
     Case("train-name-absolute", "train", _train("run.name={w}/abs"), "run.name"),
     Case("train-overwrite-user-folder", "train", _train("run.name=mine", "run.overwrite=true", out="{w}"), "mine"),
+    Case("train-output-dir-is-a-file", "train", _train(out="{w}/file.txt"), "run.output_dir"),
     Case("train-run-dir-is-a-file", "train", _train("run.name=file.txt", out="{w}"), "file.txt"),
     # train.py: values
     Case("train-lr-inf", "train", _train("train.learning_rate=inf"), "train.learning_rate"),

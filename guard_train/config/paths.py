@@ -20,7 +20,10 @@ class PathError(ValueError):
 
 
 def check_run_name(name: str, output_dir: str) -> None:
-    """A run name is a folder inside run.output_dir: no absolute path, no `.`/`..` component, no escape by link."""
+    """run.output_dir is a folder (or not there yet) and run.name a folder inside it: no absolute path, no `.`/`..`
+    component, no escape by a symlink."""
+    if output_dir and Path(output_dir).exists() and not Path(output_dir).is_dir():
+        raise PathError(f"run.output_dir {output_dir!r} is an existing file; give a directory (it is created)")
     if not name:
         return
     comps = name.replace("\\", "/").split("/")
@@ -34,7 +37,7 @@ def check_run_name(name: str, output_dir: str) -> None:
             bad = True
     if bad:
         raise PathError(f"run.name={name!r} does not name a folder inside run.output_dir ({str(out)!r}): use a "
-                              f"plain name such as 'my-run' (no absolute path, '.' or '..')")
+                        f"plain name such as 'my-run' (no absolute path, '.' or '..')")
 
 
 def is_ours(d: Path) -> bool:
