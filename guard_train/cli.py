@@ -87,16 +87,15 @@ def _lab(args) -> int:
     import time
 
     from guard_train.config.loader import resolve_model_path
+    from guard_train.config.paths import PathError, check_out_dir, mark_ours
     from guard_train.eval.lab_bench import replace_headline, run_lab
 
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
-    from guard_train.config.paths import PathError, check_out_dir
-
     try:  # a rerun continues in its own --out (cells/, results.json); a user's folder is refused
         out = check_out_dir(args.out, own_files=("results.json", "cells", "lab-results.md"))
     except PathError as e:
         return _error(e)
-    # created by run_lab once the arguments are valid: bad input writes nothing
+    # --out is created by run_lab once the arguments are valid: bad input writes nothing
     # the documented table's cells are committed beside it, so any checkout can rebuild or continue that run
     cells = Path(args.cells) if args.cells else (DOCS_CELLS if args.docs else None)
     t0 = time.time()
@@ -106,8 +105,6 @@ def _lab(args) -> int:
                       infer_model=args.infer_model or None, cells_dir=cells, infer_guidance=args.infer_guidance)
     except ValueError as e:
         return _error(e)
-    from guard_train.config.paths import mark_ours
-
     mark_ours(out)
     cmd = "guard-train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     md = (out / "lab-results.md").read_text()
@@ -159,7 +156,6 @@ def main(argv: list[str] | None = None) -> int:
     from guard_train.config.params import COUNT, NON_NEG, OPEN_UNIT, POSITIVE, arg_type
 
     count, seed = arg_type(int, COUNT), arg_type(int, NON_NEG)  # a bad flag exits 2 at parse time, before any work
-    pre = _pretrain_flag
     p = argparse.ArgumentParser(prog="guard-train", exit_on_error=True)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("train", help="fine-tune (single process; use `accelerate launch train.py` for several)",
@@ -168,16 +164,18 @@ def main(argv: list[str] | None = None) -> int:
     # defaults are PretrainConfig's (None = not given), so the CLI and the dataclass cannot drift apart
     b.add_argument("--out", help="exported model dir (default models/tiny-sd)")
     b.add_argument("--work", help="resumable trainer state (default runs/build-base)")
-    b.add_argument("--steps", type=pre("steps"))
-    b.add_argument("--minutes", dest="time_budget_min", type=pre("time_budget_min"),
+    b.add_argument("--steps", type=_pretrain_flag("steps"))
+    b.add_argument("--minutes", dest="time_budget_min", type=_pretrain_flag("time_budget_min"),
                    help="time budget; export and stop when reached")
     b.add_argument("--init-from", help="continue from an exported model dir")
-    b.add_argument("--seed", type=pre("seed"))
-    b.add_argument("--decay-from", type=pre("decay_from"), help="cosine-decay the lr from this step to --steps")
-    b.add_argument("--lr-min-ratio", type=pre("lr_min_ratio"))
-    b.add_argument("--lr", type=pre("lr"))
-    b.add_argument("--snr-gamma", type=pre("snr_gamma"), help="min-SNR-γ loss weighting (default 5); 0 = off (uniform)")
-    b.add_argument("--v-weight-cap", type=pre("v_weight_cap"),
+    b.add_argument("--seed", type=_pretrain_flag("seed"))
+    b.add_argument("--decay-from", type=_pretrain_flag("decay_from"),
+                   help="cosine-decay the lr from this step to --steps")
+    b.add_argument("--lr-min-ratio", type=_pretrain_flag("lr_min_ratio"))
+    b.add_argument("--lr", type=_pretrain_flag("lr"))
+    b.add_argument("--snr-gamma", type=_pretrain_flag("snr_gamma"),
+                   help="min-SNR-γ loss weighting (default 5); 0 = off (uniform)")
+    b.add_argument("--v-weight-cap", type=_pretrain_flag("v_weight_cap"),
                    help="weight the ε-loss as a v-loss, min(1 + 1/SNR, cap); needs --snr-gamma 0")
     b.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
                    help="train this target; v_prediction converts an ε base (saved in the scheduler config)")
@@ -291,9 +289,8 @@ def main(argv: list[str] | None = None) -> int:
         import numpy as np
 
         from guard_train.data.lab import LabConfig, build_lab
-        from guard_train.metrics.alignment import evaluate, train_scorer
-
         from guard_train.config.paths import PathError, check_out_dir
+        from guard_train.metrics.alignment import evaluate, train_scorer
 
         try:
             check_out_dir(args.out, own_files=("model.safetensors",))
