@@ -20,6 +20,7 @@ import pytest
 from PIL import Image
 
 from conftest import PY, ROOT
+from guard_train.config.loader import load_config
 
 MODEL = str(ROOT / "models" / "tiny-sd")
 
@@ -230,16 +231,37 @@ def test_table_is_big_enough():
 
 def test_good_values_are_accepted():
     """The opposite failure: what accelerate's and diffusers' users type must not be refused."""
-    from guard_train.config.loader import load_config
-
     for mp in ("no", "fp16", "bf16"):
         assert load_config([f"train.mixed_precision={mp}"]).train.mixed_precision == mp
     cfg = load_config(["model.revision=none", "model.variant=null", "run.name=group/run-1"])
     assert cfg.model.revision is None and cfg.model.variant is None and cfg.run.name == "group/run-1"
 
 
+def test_overwrite_replaces_only_runs_of_ours(tmp_path):
+    """run.overwrite=true replaces a run directory with the marker, or one written before markers existed (its
+    status/rank0.json is ours); a look-alike folder with other files is refused."""
+    from guard_train.config.loader import ConfigError
+    from guard_train.training.loop import _decide_run_dir
+
+    def decide(name: str):
+        cfg = load_config(["recipe=tiny", f"run.output_dir={tmp_path}", f"run.name={name}", "run.overwrite=true"])
+        return _decide_run_dir(cfg)
+
+    for name, files in (("marked", {".guard_train_run": "", "config.yaml": "old run"}),
+                        ("legacy", {"status/rank0.json": json.dumps({"state": "completed", "rank": 0, "pid": 1,
+                                                                       "step": 4})}),
+                        ("user", {"status/rank0.json": "my notes", "config.yaml": "mine"})):
+        for rel, text in files.items():
+            (tmp_path / name / rel).parent.mkdir(parents=True, exist_ok=True)
+            (tmp_path / name / rel).write_text(text)
+    assert decide("marked") == (str(tmp_path / "marked"), None) and not (tmp_path / "marked").exists()
+    assert decide("legacy") == (str(tmp_path / "legacy"), None) and not (tmp_path / "legacy").exists()
+    with pytest.raises(ConfigError, match="no guard_train run created"):
+        decide("user")
+    assert (tmp_path / "user" / "config.yaml").read_text() == "mine"
+
+
 def test_recipe_with_yaml_no_is_accepted(tmp_path):
-    from guard_train.config.loader import load_config
 
     (tmp_path / "r.yaml").write_text("train:\n  mixed_precision: no\n")
     assert load_config([f"recipe={tmp_path / 'r.yaml'}"]).train.mixed_precision == "no"

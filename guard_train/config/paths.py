@@ -58,16 +58,25 @@ def mark_ours(d: Path) -> Path:
     return d
 
 
+def is_legacy_run(d: Path) -> bool:
+    """A run directory written before the marker existed: its status/rank0.json is ours (state, rank, pid, step)."""
+    try:
+        rec = json.loads((Path(d) / "status" / "rank0.json").read_text())
+    except (OSError, ValueError):
+        return False
+    return isinstance(rec, dict) and {"state", "rank", "pid", "step"} <= rec.keys()
+
+
 def check_replaceable(d: Path, what: str) -> None:
-    """Refuse to delete a directory a run of ours did not create."""
+    """Refuse to delete a directory a run of ours did not create (marker, or a run from before markers)."""
     d = Path(d)
     if d.exists() and not d.is_dir():
         raise PathError(f"{what} {str(d)!r} is an existing file, not a run directory; move it away or pick "
-                              f"another name")
-    if has_content(d) and not is_ours(d):
+                        f"another name")
+    if has_content(d) and not is_ours(d) and not is_legacy_run(d):
         raise PathError(f"{what} {str(d)!r} holds files that no guard_train run created (no {RUN_MARKER} "
-                              f"marker): refusing to delete it. Move it away or choose another run.name / "
-                              f"run.output_dir")
+                        f"marker): refusing to delete it. Move it away or choose another run.name / "
+                        f"run.output_dir")
 
 
 def check_out_dir(path: str, flag: str = "--out", own_files: tuple[str, ...] = ()) -> Path:
@@ -78,7 +87,7 @@ def check_out_dir(path: str, flag: str = "--out", own_files: tuple[str, ...] = (
         raise PathError(f"{flag} {path!r} is an existing file; give a directory path (it is created)")
     if has_content(p) and not is_ours(p) and not any((p / f).exists() for f in own_files):
         raise PathError(f"{flag} {path!r} is a folder with files guard-train did not write; give a new or "
-                              f"empty directory so nothing of yours is overwritten")
+                        f"empty directory so nothing of yours is overwritten")
     return p
 
 
