@@ -531,19 +531,16 @@ def _check_dedup_backend(backend: str) -> None:
 
 def _read_manifest_arg(value: str) -> dict[int, int]:
     """--manifest: the lab's manifest.jsonl itself, or the lab dir holding it → {item id: instance}."""
-    import json
-
-    from guard_train.config.paths import PathError, read_text_input
+    from guard_train.config.paths import PathError, read_jsonl_input
 
     p = Path(value)
     path = p / "manifest.jsonl" if p.is_dir() else p
-    text = read_text_input(str(path), "--manifest", "a lab manifest.jsonl (written by make-lab) or its lab dir")
+    what = "a lab manifest.jsonl (written by make-lab) or its lab dir"
+    rows = read_jsonl_input(str(path), "--manifest", what, keys=("id", "instance"))
     try:
-        rows = [json.loads(l) for l in text.splitlines() if l.strip()]
         return {int(r["id"]): int(r["instance"]) for r in rows}
-    except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-        raise PathError(f"--manifest {str(path)!r}: each line must be a JSON lab item with 'id' and 'instance' "
-                        f"({type(e).__name__}: {e})") from None
+    except (TypeError, ValueError) as e:
+        raise PathError(f"--manifest {str(path)!r}: 'id' and 'instance' must be integers ({e})") from None
 
 
 if __name__ == "__main__":

@@ -111,6 +111,8 @@ CASES = [
     Case("eval-prompts-binary", "cli", [*EVAL, "--prompts", "{w}/binary.bin", "--out", "{w}/out"], "binary.bin"),
     Case("eval-reference-all-corrupt", "cli", [*EVAL, "--reference", "{w}/corrupt", "--out", "{w}/out"], "corrupt"),
     Case("eval-reference-missing", "cli", [*EVAL, "--reference", "{w}/nope", "--out", "{w}/out"], "nope"),
+    Case("eval-reference-manifest-damaged", "cli", [*EVAL, "--reference", "{w}/badlab", "--out", "{w}/out"],
+         "manifest.jsonl"),
     Case("eval-threshold-1.5", "cli", [*EVAL, "--threshold", "1.5", "--out", "{w}/out"], "--threshold"),
     Case("eval-num-images-0", "cli", [*EVAL, "--num-images", "0", "--out", "{w}/out"], "--num-images"),
     Case("eval-unknown-backend", "cli", [*EVAL, "--backend", "nope", "--out", "{w}/out"], "--backend"),
@@ -124,6 +126,8 @@ CASES = [
     Case("dedup-threshold-nan", "cli", [*DEDUP, "--threshold", "nan", "--out", "{w}/out"], "--threshold"),
     Case("dedup-manifest-binary", "cli", [*DEDUP, "--manifest", "{w}/binary.bin", "--out", "{w}/out"], "binary.bin"),
     Case("dedup-manifest-missing", "cli", [*DEDUP, "--manifest", "{w}/nope.jsonl", "--out", "{w}/out"], "nope.jsonl"),
+    Case("dedup-manifest-not-a-lab-manifest", "cli", [*DEDUP, "--manifest", "{w}/detect.jsonl", "--out", "{w}/out"],
+         "detect.jsonl"),
     Case("dedup-out-user-folder", "cli", [*DEDUP, "--out", "{w}/mine"], "mine"),
     # guard-train make-lab
     Case("make-lab-instances-abc", "cli", ["make-lab", "--out", "{w}/out", "--set", "num_instances=abc"],
@@ -161,6 +165,8 @@ def workspace(tmp_path_factory) -> Path:
     (w / "prompts.txt").write_text("a red circle on a cat photo\n")
     (w / "detect.jsonl").write_text(json.dumps({"prompt": "a red circle", "label": 1}) + "\n")
     (w / "empty").mkdir()
+    (w / "badlab").mkdir()
+    (w / "badlab" / "manifest.jsonl").write_text('{"id": 0, "instance": 0, "caption": "a"}\n{"id": 1, "inst\n')
     (w / "x.parquet").write_bytes(b"not parquet" * 50)
     (w / "badlora").mkdir()
     (w / "badlora" / "pytorch_lora_weights.safetensors").write_bytes(b"\x08" + b"\x00" * 7 + b"{}garbage")

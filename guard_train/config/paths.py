@@ -111,6 +111,23 @@ def read_text_input(path: str, flag: str, what: str = "a UTF-8 text file") -> st
     return text
 
 
+def read_jsonl_input(path: str, flag: str, what: str, keys: tuple[str, ...] = ()) -> list[dict]:
+    """Each line of a JSON-lines input as a dict holding `keys`; refused (path, line, fix) otherwise."""
+    rows = []
+    for i, line in enumerate(read_text_input(path, flag, what).splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            row = json.loads(line)
+        except ValueError as e:
+            raise PathError(f"{flag} {path!r} line {i} is not JSON ({e}); give {what}") from None
+        missing = [k for k in keys if not isinstance(row, dict) or k not in row]
+        if missing:
+            raise PathError(f"{flag} {path!r} line {i} lacks {missing}; give {what}")
+        rows.append(row)
+    return rows
+
+
 def safetensors_problem(f: Path) -> Optional[str]:
     """Why a .safetensors file cannot be read, or None; reads only its header. The header (8 bytes of length, then
     JSON with every tensor's data offsets) must parse and the file must hold all the data it describes."""

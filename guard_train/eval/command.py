@@ -115,6 +115,13 @@ def _reference(ref: str, prompts: str, per_group: int, seed: int):
     if not r.exists():
         raise EvalInputError(f"--reference {ref!r} does not exist (a lab dir or a dataset of the training images)")
     if (r / "manifest.jsonl").exists():
+        from guard_train.config.paths import PathError, read_jsonl_input
+
+        try:  # checked before the lab is read: a damaged manifest is exit 2, not a traceback inside the reader
+            read_jsonl_input(str(r / "manifest.jsonl"), "--reference", "a lab dir written by make-lab",
+                             keys=("id", "instance", "caption"))
+        except PathError as e:
+            raise EvalInputError(str(e)) from None
         reference, pset = lab_reference_and_prompts(r, per_group, seed)
     else:
         from guard_train.data.dedup import load_images_for_dedup
