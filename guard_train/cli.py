@@ -363,13 +363,12 @@ def _generate_cmd(args) -> int:
 
     from PIL import Image
 
+    from guard_train.config.loader import ConfigError, check_model_arg
+    from guard_train.config.paths import PathError, check_lora_input, check_out_dir, mark_ours
     from guard_train.guidance.base import ParamError
     from guard_train.guidance.engine import GuidanceEngine
     from guard_train.guidance.strategies import get_strategy
     from guard_train.models.loading import ModelLoadError
-
-    from guard_train.config.loader import ConfigError, check_model_arg
-    from guard_train.config.paths import PathError, check_lora_input, check_out_dir, mark_ours
 
     params = {}
     try:  # every input checked before the model loads or anything is written
@@ -427,26 +426,24 @@ def _detect_cmd(args) -> int:
 
     import numpy as np
 
+    from guard_train.config.loader import ConfigError, check_model_arg
+    from guard_train.config.paths import PathError, check_lora_input, check_out_dir, mark_ours, read_jsonl_input
     from guard_train.guidance.engine import GuidanceEngine
     from guard_train.metrics.detection import detect, summarize
     from guard_train.models.loading import ModelLoadError
 
-    from guard_train.config.loader import ConfigError, check_model_arg
-    from guard_train.config.paths import PathError, check_lora_input, check_out_dir, mark_ours, read_text_input
-
     try:
         out = check_out_dir(args.out, own_files=("summary.json", "scores.csv"))
-        text = read_text_input(args.prompts, "--prompts", 'a jsonl file: {"prompt": ..., "label": 0|1} per line')
+        what = 'a jsonl file: {"prompt": ..., "label": 0|1} per line'
+        rows = read_jsonl_input(args.prompts, "--prompts", what, keys=("prompt", "label"))
+        if any(r["label"] not in (0, 1) for r in rows):
+            raise PathError(f"--prompts {args.prompts!r}: every 'label' must be 0 or 1; give {what}")
+        prompts, labels = [str(r["prompt"]) for r in rows], np.array([int(r["label"]) for r in rows])
         model = check_model_arg(args.model)
         if args.lora:
             check_lora_input(args.lora, "--lora")
     except (PathError, ConfigError) as e:
         return _error(e)
-    try:
-        rows = [json.loads(l) for l in text.splitlines() if l.strip()]
-        prompts, labels = [r["prompt"] for r in rows], np.array([int(r["label"]) for r in rows])
-    except (json.JSONDecodeError, KeyError, ValueError, TypeError) as e:
-        return _error(f"{args.prompts}: each line must be JSON with 'prompt' and 'label' (0/1): {e}")
     try:
         eng = GuidanceEngine.from_pretrained(model, lora=args.lora or None)
     except ModelLoadError as e:
@@ -472,10 +469,9 @@ def _dedup_cmd(args) -> int:
     import time
     from pathlib import Path
 
+    from guard_train.config.paths import PathError, check_out_dir, mark_ours
     from guard_train.data.dedup import load_images_for_dedup, pairwise_precision_recall, run_dedup
     from guard_train.data.loaders import DataError, build_dataset, image_transform
-
-    from guard_train.config.paths import PathError, check_out_dir, mark_ours
 
     t0 = time.time()
     try:  # the backend, the output and the manifest are checked before any image is decoded or embedded

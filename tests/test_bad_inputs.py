@@ -105,6 +105,7 @@ CASES = [
          "binary.bin"),
     Case("detect-prompts-missing", "cli", ["detect", "--model", MODEL, "--prompts", "{w}/nope.jsonl", "--out",
                                            "{w}/out"], "nope.jsonl"),
+    Case("detect-prompts-no-label", "cli", [*DET, "--prompts", "{w}/prompts.txt", "--out", "{w}/out"], "prompts.txt"),
     Case("detect-steps-0", "cli", [*DET, "--steps", "0", "--out", "{w}/out"], "--steps"),
     Case("detect-out-is-a-file", "cli", [*DET, "--out", "{w}/file.txt"], "file.txt"),
     # guard-train eval
