@@ -44,8 +44,8 @@ def test_sscd_backends_agree_on_copies_vs_non_copies():
 
 
 def test_torchscript_backend_loads_and_preprocesses(tmp_path):
-    """The TorchScript path (for the papers' official SSCD files): a scripted stand-in checks loading, the
-    256 -> centre 224 crop and the 0.5/0.5 normalisation, and L2-normalised output. Not an SSCD model."""
+    """The TorchScript path (for the official SSCD files): a scripted stand-in checks loading, the SSCD authors'
+    transform (short side to 288, no crop, ImageNet mean/std) and L2-normalised output. Not an SSCD model."""
     import torch
 
     from guard_train.metrics.embed import SSCDTorchScript
@@ -56,8 +56,9 @@ def test_torchscript_backend_loads_and_preprocesses(tmp_path):
 
     torch.jit.save(torch.jit.script(Probe()), tmp_path / "probe.pt")
     e = SSCDTorchScript(str(tmp_path / "probe.pt"))
-    out = e.embed(np.full((2, 64, 64, 3), 255, np.uint8))  # white: normalised to +1 everywhere
-    want = np.array([1.0, 224.0]) / np.linalg.norm([1.0, 224.0])
+    out = e.embed(np.full((2, 64, 64, 3), 255, np.uint8))  # white: channel c becomes (1 - mean_c) / std_c
+    white = np.mean([(1 - m) / s for m, s in zip((0.485, 0.456, 0.406), (0.229, 0.224, 0.225))])
+    want = np.array([white, 288.0]) / np.linalg.norm([white, 288.0])
     assert np.allclose(out, want, atol=1e-5) and "torchscript" in e.name
 
 

@@ -66,3 +66,41 @@ def test_masked_images_and_ls():
     ls = localized_similarity(Flat(), gen, mask, [gt])
     glob = float((Flat().embed(gen) @ Flat().embed(gt).T)[0, 0])
     assert ls[0] == pytest.approx(1.0, abs=1e-6) and glob < 0.95  # LS sees the memorized region only
+
+
+def test_wilson_interval_hand_computed():
+    from guard_train.metrics.copy import wilson
+
+    # k = 7, n = 32, z = 1.959964: centre (k + z²/2) / (n + z²), half-width z √(k(n−k)/n + z²/4) / (n + z²)
+    z, k, n = 1.959963984540054, 7, 32
+    c = (k + z * z / 2) / (n + z * z)
+    h = z * np.sqrt(k * (n - k) / n + z * z / 4) / (n + z * z)
+    assert wilson(k, n) == pytest.approx((c - h, c + h), abs=1e-9)
+    lo, hi = wilson(0, 32)
+    assert lo == pytest.approx(0.0, abs=1e-12) and hi == pytest.approx(z * z / (32 + z * z), abs=1e-9)
+    assert np.isnan(wilson(0, 0)[0])
+
+
+def test_copy_rates_counts_every_row_and_own_rows():
+    from guard_train.metrics.copy import copy_rates
+
+    top1 = np.array([0.9, 0.6, 0.4, 0.51])
+    own = np.array([0.9, 0.3, 0.4, np.nan])  # gen 1's top-1 is another instance's row; gen 3 has no own image
+    r = copy_rates(top1, own, 0.5)
+    assert (r["copies"], r["n_images"], r["copy_rate"]) == (3, 4, 0.75)
+    assert (r["own_copies"], r["own_copy_rate"]) == (1, 1 / 3)
+    assert r["top1_p95"] == pytest.approx(np.percentile(top1, 95))
+    assert r["copy_rate_ci95"][0] < 0.75 < r["copy_rate_ci95"][1]
+
+
+def test_own_similarity_takes_the_best_of_the_prompts_own_rows():
+    from guard_train.eval.evaluate import Reference, own_similarity
+
+    ref = Reference(np.zeros((4, 2, 2, 3), np.uint8), keys=[10, 10, 11, 12])  # instance 10: original + a near copy
+    sims = np.array([[0.2, 0.7, 0.9, 0.1],   # owner 10: best own row 0.7 (row 2, 0.9, is instance 11's)
+                     [0.3, 0.1, 0.2, 0.6],   # owner 12
+                     [0.9, 0.9, 0.9, 0.9]])  # no owner
+    got = own_similarity(sims, np.array([10, 12, -1]), ref)
+    assert got[:2].tolist() == [0.7, 0.6] and np.isnan(got[2])
+    with pytest.raises(ValueError, match="owner 99"):
+        own_similarity(sims[:1], np.array([99]), ref)

@@ -113,3 +113,17 @@ def test_callback_two_processes_equals_one(tiny_sd_dir, tmp_path):
             for k in ("copy_rate", "top1_mean", "top1_p95", "diversity"):
                 assert a[m]["groups"][g][k] == pytest.approx(b[m]["groups"][g][k], abs=1e-4), (m, g, k)
     assert a["cfg"]["detection_auroc_duplicated_vs_unique"] == pytest.approx(b["cfg"]["detection_auroc_duplicated_vs_unique"], abs=1e-6)
+
+
+def test_lab_reference_is_every_training_row(lab_dir):
+    """The copy metric's reference set is every row the model trained on (planted near copies included), keyed by
+    instance; each prompt's owner is its instance."""
+    from guard_train.data.lab import read_manifest
+    from guard_train.eval.evaluate import lab_reference_and_prompts
+
+    rows = read_manifest(lab_dir)
+    ref, pset = lab_reference_and_prompts(lab_dir, per_group=2)
+    assert len(ref.images) == len(rows) > len({r.instance for r in rows})
+    assert ref.keys == [r.instance for r in rows]
+    dup = next(o for o, g in zip(pset.owners, pset.groups) if g == "duplicated")
+    assert len(ref.own_rows(dup)) == sum(r.instance == dup for r in rows) > 1

@@ -146,3 +146,17 @@ def test_inference_arms_load_a_lora_on_its_own_base(tmp_path):
     with pytest.raises(ValueError, match="which is not a model directory here"):
         run_lab("smoke", tmp_path / "out", infer_model=str(bad), progress=print)
     assert not (tmp_path / "out").exists()
+
+
+def test_copy_rate_verdict_needs_separated_wilson_intervals():
+    from guard_train.eval.lab_bench import interval_effect, pooled_rates
+
+    p = pooled_rates({"duplicated.copies": 22, "duplicated.own_copies": 20, "duplicated.n_images": 32})
+    cfg = p["duplicated.copy_rate"]
+    assert cfg["k"] == 22 and cfg["n"] == 32 and cfg["rate"] == 22 / 32
+    assert p["duplicated.own_copy_rate"]["k"] == 20 and "unique.copy_rate" not in p
+    rate = lambda k: pooled_rates({"duplicated.copies": k, "duplicated.n_images": 32})["duplicated.copy_rate"]  # noqa: E731
+    assert interval_effect(rate(0), cfg) == "lower (helps)"  # [0, .11] vs [.51, .82]
+    assert interval_effect(rate(16), cfg) == "intervals overlap"  # [.34, .66]
+    assert interval_effect(cfg, rate(5)) == "higher (worse)"  # [.07, .32]
+    assert interval_effect(rate(0), rate(0)) == "no copies either side"

@@ -50,3 +50,15 @@ def test_score_groups_copy_rate_and_own_nn():
     assert d["copy_rate"] == 1.0 and d["nn_is_own"] == 0.5 and d["own_copy_rate"] == 0.5
     assert u["copy_rate"] == 0.0 and u["probe_above_threshold"] == 0.0
     assert out["backend"] == "identity-test"
+
+
+def test_score_counts_near_copy_rows_of_the_reference():
+    """The standard rule: a generation that reproduces a near-copy row (not the original) is a copy of its own
+    instance; the reference set is every row."""
+    rng = np.random.default_rng(1)
+    train = (rng.random((3, 8, 8, 3)) * 255).astype(np.uint8)  # rows: key 10 original, key 10 near copy, key 11
+    probes = [Probe("duplicated", "a", train[0], 10)]
+    rows = [{"i": 0, "x0": train[0], "gen": np.stack([train[1], train[2]])}]
+    out = score(rows, probes, train, [10, 10, 11], _Id(), threshold=0.99)
+    d = out["groups"]["duplicated"]
+    assert d["copies"] == 2 and d["own_copies"] == 1 and d["own_copy_rate"] == 0.5 and d["nn_is_own"] == 0.5

@@ -64,11 +64,12 @@ class MemorizationCallback(Callback):
         out: dict = {"tag": tag, "step": state.step, "epoch": state.epoch, "methods": {}}
         t0 = time.perf_counter()
         try:
-            engine = GuidanceEngine(pipe, max_batch=self.cfg.max_batch)
+            engine = GuidanceEngine(pipe, max_batch=self.cfg.max_batch, scheduler=self.cfg.scheduler, eta=self.cfg.eta)
+            params = {"guidance_scale": self.cfg.guidance_scale} if self.cfg.guidance_scale > 0 else {}
             for method in self.cfg.methods:
                 images, _, wall, extras = generate_distributed(engine, self.pset, method, self.cfg.images_per_prompt,
                                                                self.cfg.steps, self.cfg.seed, acc,
-                                                               detect=(method == "cfg"))
+                                                               detect=(method == "cfg"), **params)
                 if acc.is_main_process:
                     metrics, _ = score(images, self.pset, self.ref, self._embedder(), self.cfg.images_per_prompt,
                                        self.cfg.copy_threshold, self._aligner(), extras=extras)

@@ -12,6 +12,8 @@ from typing import Optional
 
 from guard_train.config.params import ranged
 from guard_train.data.lab import LabConfig
+from guard_train.guidance.schedulers import CHOICES as SCHEDULER_CHOICES
+from guard_train.guidance.schedulers import DEFAULT as DEFAULT_SCHEDULER
 
 DATA_SOURCES = ("lab", "imagefolder", "parquet", "hf_disk", "webdataset", "img2dataset")
 
@@ -169,6 +171,9 @@ class EvalConfig:
     prompts_per_group: int = 8  # duplicated / unique / held-out captions each
     images_per_prompt: int = 2
     steps: int = 25
+    guidance_scale: float = ranged(0.0, gt=0, off=0.0)  # every method's CFG scale; 0 = each method's own (7.5)
+    scheduler: str = ranged(DEFAULT_SCHEDULER, choices=SCHEDULER_CHOICES)  # model = the directory's own
+    eta: float = ranged(0.0, ge=0, le=1)  # DDIM only
     max_batch: int = 64
     seed: int = 0
     copy_threshold: float = 0.5

@@ -311,12 +311,18 @@ def read_manifest(root: str | Path) -> list[LabItem]:
         return [LabItem(**json.loads(line)) for line in f]
 
 
-def read_originals(root: str | Path) -> tuple[list[LabItem], np.ndarray]:
-    """The distinct training instances of a written lab (their original rows) and their images (N, H, W, 3)."""
+def read_rows(root: str | Path, originals_only: bool = False) -> tuple[list[LabItem], np.ndarray]:
+    """The training rows of a written lab and their images (N, H, W, 3): every row (planted exact and near copies
+    included — what the model trained on, the copy metric's reference set), or only each instance's original."""
     root = Path(root)
-    items = [it for it in read_manifest(root) if it.copy_kind == "original"]
+    items = [it for it in read_manifest(root) if not originals_only or it.copy_kind == "original"]
     images = np.stack([np.asarray(Image.open(root / "train" / f"{it.id:05d}.png").convert("RGB")) for it in items])
     return items, images
+
+
+def read_originals(root: str | Path) -> tuple[list[LabItem], np.ndarray]:
+    """The distinct training instances of a written lab (their original rows) and their images (N, H, W, 3)."""
+    return read_rows(root, originals_only=True)
 
 
 def same_caption_new_instance(lab: Lab, instance: int, rng: np.random.Generator) -> np.ndarray:

@@ -278,7 +278,7 @@ def report_html(rows: list[dict], backend: str, violations: list[str]) -> str:
            "</th><th>top-1 p95</th><th>diversity</th><th>lab alignment</th></tr>"
     body = "".join(
         f"<tr><td>{r['checkpoint']}</td><td>{r['method']}</td><td>{g}</td><td>{m['copy_rate']:.3f}</td>"
-        f"<td>{m['own_copy_rate']:.3f}</td><td>{m['top1_median']:.3f}</td><td>{m['top1_p95']:.3f}</td>"
+        f"<td>{m.get('own_copy_rate', float('nan')):.3f}</td><td>{m['top1_median']:.3f}</td><td>{m['top1_p95']:.3f}</td>"
         f"<td>{m['diversity']:.3f}</td><td>{m.get('lab_alignment', float('nan')):.3f}</td></tr>"
         for r in rows for g, m in r["metrics"]["groups"].items())
     gate = "<p style='color:#b00'>Gate failed: " + "; ".join(violations) + "</p>" if violations else "<p>Gate holds.</p>"

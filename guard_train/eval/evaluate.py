@@ -3,9 +3,14 @@
 Shared by the per-epoch `MemorizationCallback` and `guard-train eval`. Prompts are split across processes
 (`split_between_processes`, padded), each prompt generated with its own seed (seed + its index in the set, so the
 result does not depend on the number of processes), images gathered, and scored on the main process:
-per group (e.g. duplicated / unique / held-out captions) and method — copy rate (top-1 SSCD against the reference
-set > threshold, and > the lab-calibrated threshold when given), own-copy rate, top-1 mean/median/95th percentile,
+per group (e.g. duplicated / unique / held-out captions) and method — copy rate (top-1 SSCD against every image of
+the reference set > threshold, with its Wilson 95 % interval), own-copy rate (best match among the prompt's own
+training rows > threshold), the share whose nearest training image is its own, top-1 mean/median/95th percentile,
 diversity, lab alignment (attribute classifier, lab captions only), and wall time per image.
+
+The reference set is every image the model trained on: for a lab, all rows of the manifest (planted exact and
+near copies included); for user data, the training set or a given reference set. A prompt's `owner` is the key
+(lab instance / dataset id) its own training rows carry.
 """
 
 from __future__ import annotations
@@ -18,14 +23,14 @@ from typing import Optional
 
 import numpy as np
 
-from guard_train.metrics.copy import diversity
+from guard_train.metrics.copy import copy_rates, diversity
 
 
 @dataclass
 class PromptSet:
     prompts: list[str]
     groups: list[str]
-    owners: list[int]  # index into the reference set of the prompt's own training image, -1 if none
+    owners: list[int]  # key (Reference.keys) of the prompt's own training rows, -1 if none
 
     def to_jsonl(self, path: Path) -> None:
         with open(path, "w") as f:
@@ -35,21 +40,23 @@ class PromptSet:
 
 @dataclass
 class Reference:
-    images: np.ndarray  # (N, H, W, 3) uint8 — distinct training images
-    keys: list[int]
-    lab_threshold: Optional[float] = None
+    images: np.ndarray  # (N, H, W, 3) uint8 — every training image (row)
+    keys: list[int]  # per row: the key its copies share (lab instance, dataset id)
     embeddings: dict = field(default_factory=dict)  # backend name -> (N, D)
+
+    def own_rows(self, key: int) -> np.ndarray:
+        """Indices of the rows carrying `key` (an instance's original and all its copies)."""
+        return np.flatnonzero(np.asarray(self.keys) == key)
 
 
 def lab_reference_and_prompts(lab_root: Path, per_group: int, seed: int = 0) -> tuple[Reference, PromptSet]:
-    """Distinct training images of a lab dir + prompts: duplicated, unique and held-out captions (≤ per_group each)."""
-    from guard_train.data.lab import LabItem, read_originals
+    """Every training row of a lab dir (the reference set) + prompts: duplicated, unique and held-out captions
+    (≤ per_group each, chosen among the distinct instances)."""
+    from guard_train.data.lab import LabItem, read_rows
 
-    items, images = read_originals(lab_root)
-    ref = Reference(images, [it.instance for it in items])
-    calib = Path(__file__).resolve().parents[2] / "docs" / "measurements" / "lab_calibration_sscd.json"
-    if calib.exists():
-        ref.lab_threshold = json.loads(calib.read_text())["lab_threshold"]
+    rows, images = read_rows(lab_root)
+    ref = Reference(images, [it.instance for it in rows])
+    items = [it for it in rows if it.copy_kind == "original"]
     rng = np.random.default_rng(seed)
     held = []
     if (lab_root / "held_out.jsonl").exists():
@@ -60,7 +67,7 @@ def lab_reference_and_prompts(lab_root: Path, per_group: int, seed: int = 0) -> 
         for j in sorted(rng.permutation(len(sel))[:per_group].tolist()):
             prompts.append(items[sel[j]].caption)
             groups.append(g)
-            owners.append(sel[j])
+            owners.append(items[sel[j]].instance)
     for it in held[:per_group]:
         prompts.append(it.caption)
         groups.append("held_out")
@@ -127,6 +134,8 @@ def score(images: np.ndarray, pset: PromptSet, ref: Reference, embedder, images_
     top1, nn = sims.max(1), sims.argmax(1)
     n = images_per_prompt
     owner = np.repeat(np.array(pset.owners), n)
+    own_top1 = own_similarity(sims, owner, ref)
+    nn_is_own = np.asarray(ref.keys)[nn] == owner
     group = np.repeat(np.array(pset.groups), n)
     caps = list(np.repeat(np.array(pset.prompts, dtype=object), n))
     align = aligner.score(images, caps) if aligner is not None else np.full(len(images), np.nan)
@@ -139,7 +148,7 @@ def score(images: np.ndarray, pset: PromptSet, ref: Reference, embedder, images_
         own = np.where(owner >= 0)[0]
         if len(own):
             ls[own] = localized_similarity(embedder, images[own], extras["end_mask"][own],
-                                           [ref.images[owner[i]][None] for i in own])
+                                           [ref.images[ref.own_rows(owner[i])] for i in own])
     metrics = {"backend": embedder.name, "threshold": threshold, "groups": {}}
     if aligner is not None:
         metrics["alignment_backend"] = aligner.name
@@ -147,13 +156,11 @@ def score(images: np.ndarray, pset: PromptSet, ref: Reference, embedder, images_
         metrics["clip_backend"] = clip.name
     for g in sorted(set(pset.groups)) + ["all"]:
         s = np.ones(len(images), bool) if g == "all" else group == g
-        m = {"n_images": int(s.sum()), "copy_rate": float((top1[s] > threshold).mean()),
-             "own_copy_rate": float(((top1[s] > threshold) & (nn[s] == owner[s])).mean()),
+        m = {**copy_rates(top1[s], own_top1[s], threshold),
              "top1_mean": float(top1[s].mean()), "top1_median": float(np.median(top1[s])),
-             "top1_p95": float(np.percentile(top1[s], 95)),
              "diversity": _nanmean(div[np.array(pset.groups) == g] if g != "all" else div)}
-        if ref.lab_threshold is not None:
-            m["copy_rate_lab_threshold"] = float((top1[s] > ref.lab_threshold).mean())
+        if (owner[s] >= 0).any():
+            m["nn_is_own"] = float(nn_is_own[s][owner[s] >= 0].mean())
         if aligner is not None:
             m["lab_alignment"] = float(np.nanmean(align[s]))
         if clip_s is not None:
@@ -174,9 +181,23 @@ def score(images: np.ndarray, pset: PromptSet, ref: Reference, embedder, images_
     for i, p in enumerate(pset.prompts):
         sl = slice(i * n, (i + 1) * n)
         rows.append({"prompt": p, "group": pset.groups[i], "top1_mean": float(top1[sl].mean()),
-                     "copies": int((top1[sl] > threshold).sum()), "lab_alignment": float(np.nanmean(align[sl])),
-                     "diversity": float(div[i])})
+                     "copies": int((top1[sl] > threshold).sum()),
+                     "own_copies": int((own_top1[sl] > threshold).sum()),
+                     "lab_alignment": float(np.nanmean(align[sl])), "diversity": float(div[i])})
     return metrics, rows
+
+
+def own_similarity(sims: np.ndarray, owner: np.ndarray, ref: Reference) -> np.ndarray:
+    """(N,) each generation's best similarity among its prompt's own training rows; NaN where it has none."""
+    out = np.full(len(sims), np.nan)
+    for key in np.unique(owner[owner >= 0]):
+        rows = ref.own_rows(int(key))
+        if not len(rows):
+            raise ValueError(f"prompt owner {int(key)} names no image of the reference set (keys: the lab instance or "
+                             f"the dataset's id column)")
+        sel = owner == key
+        out[sel] = sims[np.ix_(sel, rows)].max(1)
+    return out
 
 
 def _nanmean(x: np.ndarray) -> float:
@@ -186,9 +207,10 @@ def _nanmean(x: np.ndarray) -> float:
 
 
 def grid(images: np.ndarray, pset: PromptSet, ref: Reference, n: int, max_rows: int = 12) -> np.ndarray:
-    """One row per prompt: its own training image (grey if none) then its generations."""
+    """One row per prompt: its own training image (its first row; grey if none) then its generations."""
     rows = []
     for i in range(min(len(pset.prompts), max_rows)):
-        own = ref.images[pset.owners[i]] if pset.owners[i] >= 0 else np.full_like(images[0], 128)
+        mine = ref.own_rows(pset.owners[i]) if pset.owners[i] >= 0 else []
+        own = ref.images[mine[0]] if len(mine) else np.full_like(images[0], 128)
         rows.append(np.concatenate([own, *images[i * n:(i + 1) * n]], 1))
     return np.concatenate(rows, 0)

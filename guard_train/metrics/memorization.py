@@ -4,8 +4,9 @@
   latent to timestep t, take the model's one-step x̂₀ = (x_t − √(1−ᾱ_t) ε̂(x_t, t, c)) / √ᾱ_t under its caption,
   decode, and score the copy similarity to the original. One UNet call per image; it separates duplicated from
   unique images before samples are clean (lab-memorization-cpu.md: 0.41–0.56 vs 0.10–0.23 at t = 200).
-* Generation copy rate: sample with CFG from a caption, take the top-1 similarity against every training image
-  (Somepalli protocol); a copy = top-1 > threshold (0.5 for SSCD, the papers' value).
+* Generation copy rate: sample with CFG from a caption, take the top-1 similarity against every training image —
+  every row, planted near-copies included (Somepalli protocol); a copy = top-1 > threshold (0.5 for SSCD, the
+  papers' value). Own-copy rate: the best match among the caption's own rows (all of its copies) > threshold.
 Work items are split across processes and gathered; scoring runs on the main process.
 """
 
@@ -17,6 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
+from guard_train.metrics.copy import copy_rates
 from guard_train.metrics.embed import Embedder
 from guard_train.models.prediction import to_x0
 
@@ -135,10 +137,10 @@ def score(rows, probes, train_images, train_keys, embedder: Embedder, threshold:
             sims = _sim(embedder, allg, train_images, emb_b=emb_train)
             top1 = sims.max(1)
             nn = keys[sims.argmax(1)]
-            g.update(n_generations=int(len(allg)), copy_rate=float((top1 > threshold).mean()),
-                     top1_median=float(np.median(top1)), top1_p95=float(np.percentile(top1, 95)),
-                     nn_is_own=float((nn == owner).mean()),
-                     own_copy_rate=float(((top1 > threshold) & (nn == owner)).mean()))
+            own_top1 = np.array([sims[j, keys == k].max() for j, k in enumerate(owner)])
+            rates = copy_rates(top1, own_top1, threshold)
+            g.update(n_generations=rates.pop("n_images"), **rates, top1_median=float(np.median(top1)),
+                     nn_is_own=float((nn == owner).mean()))
             if aligner is not None:
                 caps = [probes[r["i"]].caption for r, x in gens for _ in range(len(x))]
                 g["lab_alignment"] = float(np.nanmean(aligner.score(allg, caps)))

@@ -80,6 +80,14 @@ def load_lora(pipe: StableDiffusionPipeline, path: str) -> None:
                              f"(first: {missing[0]}); the file does not match this model's architecture")
 
 
+def merge_lora(pipe: StableDiffusionPipeline) -> None:
+    """Merge the loaded LoRA into the weights and drop the adapter layers: the same outputs up to float rounding
+    (tests/test_engine.py), without the adapters' extra matmuls on every layer — for inference only (training
+    and `init_lora` need the adapters)."""
+    pipe.fuse_lora()
+    pipe.unload_lora_weights()
+
+
 def _build_info(path: str) -> dict:
     """A LoRA dir's build_info.json (our build scripts write one), or {} for any other LoRA."""
     import json
