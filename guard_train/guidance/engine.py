@@ -1,7 +1,8 @@
 """The denoising loop every inference method shares (GUARD and all baselines).
 
 Wraps a `StableDiffusionPipeline` (a tiny SD, an SD 1.x/2.x directory, + LoRA via `load_lora_weights`) without
-forking it: its UNet, text encoder, VAE and any diffusers scheduler (DDIM by default). Per step the strategy names
+forking it: its UNet, text encoder and VAE, and a diffusers scheduler built from the directory's config (DDIM, η 0 by
+default — the papers' sampler — or any of `guidance.schedulers`; `model` keeps the directory's own). Per step the strategy names
 its branches; the engine stacks every branch's rows (all prompts × images) into as few UNet calls as `max_batch`
 allows, routes per-row attention edits through the shared cross-attention processor, hands the predictions to
 `strategy.combine`, and steps the scheduler. Per-prompt seeds (seed + prompt index) as in the papers. With method
@@ -24,6 +25,8 @@ from tqdm.auto import tqdm
 
 from guard_train.attention.processor import CrossAttnState, SpikeEdit, cross_attention_layers, install
 from guard_train.guidance.base import Branch, Strategy
+from guard_train.guidance.schedulers import DEFAULT as DEFAULT_SCHEDULER
+from guard_train.guidance.schedulers import check_eta, make_scheduler, step_kwargs
 from guard_train.models.prediction import epsilon_defined, epsilon_difference
 
 
@@ -51,13 +54,17 @@ class GenerationResult:
     images: np.ndarray  # (R, H, W, 3) uint8, rows ordered prompt-major
     records: list[dict]
     stats: dict = field(default_factory=dict)  # raw per-step recordings asked for with `record=`
+    initial_latents: Optional[torch.Tensor] = None  # (R, C, h, w) the starting noise (before init_noise_sigma)
+    latents: Optional[torch.Tensor] = None  # (R, C, h, w) the final latents, before decoding
 
 
 class GuidanceEngine:
-    def __init__(self, pipe, max_batch: int = 64):
+    def __init__(self, pipe, max_batch: int = 64, scheduler: str = DEFAULT_SCHEDULER, eta: float = 0.0):
         self.pipe, self.max_batch = pipe, max_batch
         self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
-        self.scheduler = pipe.scheduler
+        self.scheduler = make_scheduler(scheduler, pipe.scheduler)  # the pipe's own is left as it is
+        check_eta(self.scheduler, eta)
+        self.eta = eta
         self.attn: Optional[CrossAttnState] = None
         self.record_mass: set[str] = set()  # layers whose token mass is captured on every call (detection)
         self.record_maps: set[str] = set()  # layers whose full maps are captured (Bright Ending's end-token mask)
@@ -162,6 +169,7 @@ class GuidanceEngine:
         self.scheduler.set_timesteps(ctx.steps, device=self.device)
         x = (ctx.latents0 if latents is None else latents).clone()
         timesteps = self.scheduler.timesteps[:stop]
+        extra = step_kwargs(self.scheduler, self.eta, ctx.state["seeds"][0])  # a stochastic step repeats exactly
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=strategy.name)):
             eps = self.predict(x, t, strategy.branches(i, int(t), ctx), strategy)
             if record:
@@ -170,7 +178,7 @@ class GuidanceEngine:
                 ctx.state.setdefault("spikes_per_step", []).append(self.last_fired)
             if self.attn is not None and self.last_maps:
                 ctx.state["last_maps"] = (self.last_names, self.last_maps)  # only the last step's are kept
-            x = self.scheduler.step(strategy.combine(eps, i, int(t), ctx), t, x).prev_sample
+            x = self.scheduler.step(strategy.combine(eps, i, int(t), ctx), t, x, **extra).prev_sample
         return x
 
     def _record(self, eps: dict[str, torch.Tensor], ctx: GenContext, t) -> None:
@@ -197,11 +205,14 @@ class GuidanceEngine:
     def generate(self, prompts: list[str] | str, method: str = "cfg", num_images: int = 1, seed: int = 0,
                  steps: int = 50, height: Optional[int] = None, width: Optional[int] = None,
                  progress: bool = False, record: tuple[str, ...] = (), seeds: Optional[list[int]] = None,
-                 **params) -> GenerationResult:
+                 latents: Optional[torch.Tensor] = None, **params) -> GenerationResult:
         """record: any of "attention" (cond-row token mass per step and layer), "diff" (ε_c − ε_u per step),
         "end_maps" (last-step maps of the down_blocks.0 layers, for Bright Ending's mask).
         seeds: one seed per prompt (default seed + prompt index), so a prompt's images do not depend on which
-        other prompts share the call (e.g. when prompts are split across processes)."""
+        other prompts share the call (e.g. when prompts are split across processes).
+        latents: the starting noise, (prompts × num_images, C, h, w) in prompt-major row order, instead of the
+        seeded draw (as diffusers' `latents=`: scaled by the scheduler's init_noise_sigma) — e.g. one noise bank
+        shared by every method. The result carries the starting noise and the final latents either way."""
         from guard_train.guidance.strategies import get_strategy
 
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
@@ -212,7 +223,7 @@ class GuidanceEngine:
         seeds = list(seeds) if seeds is not None else [seed + k for k in range(len(prompts))]
         if len(seeds) != len(prompts):
             raise ValueError("seeds must have one entry per prompt")
-        ctx = self._context(rows, pidx, prompts, num_images, seeds, steps, height, width)
+        ctx = self._context(rows, pidx, prompts, num_images, seeds, steps, height, width, latents)
         ctx.state["seed"] = seed
         self.clear_attention()
         if "attention" in record:
@@ -253,22 +264,31 @@ class GuidanceEngine:
             sel = {l: m for l, m in maps.items() if l.startswith("down_blocks.0.")}
             stats["end_mask"] = end_token_mask(sel, slice(k * ctx.rows, (k + 1) * ctx.rows), ctx.lengths,
                                                tuple(x.shape[-2:]))
-        return GenerationResult(images, records, stats)
+        return GenerationResult(images, records, stats, initial_latents=ctx.state["noise"].cpu(), latents=x.cpu())
 
-    def _context(self, rows, pidx, prompts, n, seeds, steps, height, width) -> GenContext:
+    def _context(self, rows, pidx, prompts, n, seeds, steps, height, width, latents=None) -> GenContext:
         h = height or self.unet.config.sample_size * self.pipe.vae_scale_factor
         w = width or self.unet.config.sample_size * self.pipe.vae_scale_factor
         shape = (n, self.unet.config.in_channels, h // self.pipe.vae_scale_factor, w // self.pipe.vae_scale_factor)
         if isinstance(seeds, int):
             seeds = [seeds + k for k in range(len(prompts))]
-        lat = [randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(sd), device=self.device,
-                            dtype=self.unet.dtype) for sd in seeds]
-        latents0 = torch.cat(lat) * self.scheduler.init_noise_sigma
+        if latents is None:
+            noise = torch.cat([randn_tensor(shape, generator=torch.Generator("cpu").manual_seed(sd), device=self.device,
+                                            dtype=self.unet.dtype) for sd in seeds])
+        else:
+            want = (len(rows), *shape[1:])
+            if tuple(latents.shape) != want:
+                raise ValueError(f"latents must have shape {want} (prompts × images, channels, h, w), "
+                                 f"got {tuple(latents.shape)}")
+            noise = latents.to(self.device, self.unet.dtype)
+        latents0 = noise * self.scheduler.init_noise_sigma
         cond, lengths = self.encode(rows)
         uncond, _ = self.encode([""] * len(rows))
         self.scheduler.set_timesteps(steps, device=self.device)
-        return GenContext(self, rows, pidx, cond, uncond, lengths, latents0, self.scheduler.timesteps.clone(), steps,
-                          state={"seed": seeds[0], "seeds": seeds, "prompt_list": prompts, "images_per_prompt": n})
+        ctx = GenContext(self, rows, pidx, cond, uncond, lengths, latents0, self.scheduler.timesteps.clone(), steps,
+                         state={"seed": seeds[0], "seeds": seeds, "prompt_list": prompts, "images_per_prompt": n})
+        ctx.state["noise"] = noise
+        return ctx
 
 
 def strategy_record(ctx: GenContext, r: int) -> dict:
