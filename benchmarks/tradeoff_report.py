@@ -68,7 +68,8 @@ def table(curves: dict[str, list[dict]], guidance: float) -> tuple[str, dict]:
         for f in (1.0, 0.9):
             m = at_alignment(rows, f * ref)
             out.setdefault(name, {})[str(f)] = m
-            cells.append(f"{100 * m['copy_rate']:.1f} % [{100 * m['ci95'][0]:.1f}, {100 * m['ci95'][1]:.1f}]"
+            mark = " † (nearest point: the whole curve is above the target)" if "note" in m else ""
+            cells.append(f"{100 * m['copy_rate']:.1f} % [{100 * m['ci95'][0]:.1f}, {100 * m['ci95'][1]:.1f}]{mark}"
                          if m["reached"] else f"never reaches (best {m['best_alignment']:.3f})")
         al = [point(r)[0] for r in rows]
         lines.append(f"| {name} ({knob}) | {len(rows)} | {cells[0]} | {cells[1]} | {min(al):.3f}–{max(al):.3f} |")
