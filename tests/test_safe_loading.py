@@ -21,7 +21,7 @@ from conftest import ROOT
 LOADERS = {"from_pretrained", "from_single_file", "load_lora_weights"}
 NO_WEIGHTS = ("Tokenizer", "TokenizerFast", "Processor", "ImageProcessor", "FeatureExtractor", "Scheduler")
 # weight loads in files another change owns; strict: when fixed, the mark must go (XPASS fails)
-PENDING = {"guard_train/metrics/clip_score.py": "CLIPModel.from_pretrained without use_safetensors=True"}
+PENDING: dict[str, str] = {}  # path -> why its loads are not yet safe (strict xfail)
 
 
 def _sources() -> list[Path]:

@@ -27,7 +27,7 @@ class CLIPScorer:
                 f"CLIPModel.from_pretrained(id).save_pretrained(dir) + CLIPProcessor likewise, then pass that dir.")
         from transformers import CLIPModel, CLIPProcessor
 
-        self.model = CLIPModel.from_pretrained(path, local_files_only=True).eval()
+        self.model = CLIPModel.from_pretrained(path, local_files_only=True, use_safetensors=True).eval()
         self.processor = CLIPProcessor.from_pretrained(path, local_files_only=True)
         self.name = f"clip_score ({p.name}, raw cosine)"
         self.batch = batch
