@@ -208,6 +208,7 @@ def main(argv: list[str] | None = None) -> int:
     g.add_argument("--num-images", type=count, default=4)
     g.add_argument("--steps", type=count, default=50)
     g.add_argument("--seed", type=seed, default=0)
+    _sampler_flags(g)
     g.add_argument("--max-batch", type=count, default=64)
     g.add_argument("--out", required=True)
     de = sub.add_parser("detect", help="memorization detection scores per prompt; CSV + AUROC summary")
@@ -218,6 +219,7 @@ def main(argv: list[str] | None = None) -> int:
     de.add_argument("--num-images", type=count, default=4)
     de.add_argument("--steps", type=count, default=50)
     de.add_argument("--seed", type=seed, default=0)
+    _sampler_flags(de)
     de.add_argument("--out", required=True)
     ev = sub.add_parser("eval", help="score checkpoints x methods for memorization; --fail-if gates (exit 1)")
     ev.add_argument("--model", default="models/tiny-sd", help="base model")
@@ -229,6 +231,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--num-images", type=count, default=4)
     ev.add_argument("--steps", type=count, default=50)
     ev.add_argument("--seed", type=seed, default=0)
+    _sampler_flags(ev)
     ev.add_argument("--prompts-per-group", type=count, default=8)
     ev.add_argument("--threshold", type=arg_type(float, OPEN_UNIT), default=0.5)
     ev.add_argument("--backend", default="sscd", help="sscd | sscd-distilled | sscd-torchscript:<path> | pixel "
@@ -357,8 +360,21 @@ def main(argv: list[str] | None = None) -> int:
     return 1
 
 
+def _sampler_flags(p) -> None:
+    """--scheduler / --eta, declared once for every command that samples (guidance/schedulers.py)."""
+    from guard_train.config.params import Range, arg_type
+    from guard_train.guidance.schedulers import CHOICES, DEFAULT
+
+    p.add_argument("--scheduler", choices=CHOICES, default=DEFAULT,
+                   help="sampler built from the model dir's scheduler config (default ddim, the papers'; model = "
+                        "the dir's own)")
+    p.add_argument("--eta", type=arg_type(float, Range(ge=0, le=1)), default=0.0, help="DDIM's eta (0 = deterministic)")
+
+
 def _generate_cmd(args) -> int:
     import json
+
+    from guard_train.guidance.schedulers import check_sampler
     from pathlib import Path
 
     from PIL import Image
@@ -380,10 +396,12 @@ def _generate_cmd(args) -> int:
                 raise ParamError(f"--param expects K=V, got {kv!r}")
             params[k] = v
         get_strategy(args.method, **params)
+        check_sampler(args.scheduler, args.eta)
         model = check_model_arg(args.model)
         if args.lora:
             check_lora_input(args.lora, "--lora")
-        engine = GuidanceEngine.from_pretrained(model, lora=args.lora or None, max_batch=args.max_batch)
+        engine = GuidanceEngine.from_pretrained(model, lora=args.lora or None, max_batch=args.max_batch,
+                                                scheduler=args.scheduler, eta=args.eta)
         res = engine.generate(prompts, method=args.method, num_images=args.num_images, seed=args.seed,
                               steps=args.steps, progress=True, **params)
     except (ParamError, ModelLoadError, PathError, ConfigError) as e:
@@ -445,7 +463,7 @@ def _detect_cmd(args) -> int:
     except (PathError, ConfigError) as e:
         return _error(e)
     try:
-        eng = GuidanceEngine.from_pretrained(model, lora=args.lora or None)
+        eng = GuidanceEngine.from_pretrained(model, lora=args.lora or None, scheduler=args.scheduler, eta=args.eta)
     except ModelLoadError as e:
         return _error(e)
     scores, per_prompt_s = detect(eng, prompts, args.num_images, args.steps, args.seed)

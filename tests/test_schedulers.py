@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from guard_train.config.params import ParamValueError
+from guard_train.guidance.base import ParamError
 from guard_train.guidance.engine import GuidanceEngine
 from guard_train.models.loading import load_pipeline
 
@@ -68,16 +68,29 @@ def test_eta(tiny_sd_dir):
     s1 = GuidanceEngine(pipe, eta=1.0).generate(["a red circle"], **kw).images
     s2 = GuidanceEngine(pipe, eta=1.0).generate(["a red circle"], **kw).images
     assert np.array_equal(s1, s2) and not np.array_equal(s1, det)  # stochastic, but seeded
-    with pytest.raises(ParamValueError, match="DDIM only"):
+    with pytest.raises(ParamError, match="DDIM only"):
         GuidanceEngine(pipe, scheduler="euler", eta=0.5)
-    with pytest.raises(ParamValueError, match=r"\[0, 1\]"):
+    with pytest.raises(ParamError, match=r"\[0, 1\]"):
         GuidanceEngine(pipe, eta=1.5)
-    with pytest.raises(ParamValueError, match="not one of"):
+    with pytest.raises(ParamError, match="not one of"):
         GuidanceEngine(pipe, scheduler="plms")
 
 
-@pytest.mark.parametrize("name", ["dpm++", "euler", "euler_a", "unipc"])  # pndm: the first test
+@pytest.mark.parametrize("name", ["dpm++", "euler", "euler_a", "unipc", "pndm"])
 def test_every_scheduler_runs_a_method(tiny_sd_dir, name):
     eng = GuidanceEngine(load_pipeline(str(tiny_sd_dir)), scheduler=name)
     res = eng.generate(["a red circle on a cat photo"], method="guard", num_images=1, steps=3, seed=0)
     assert res.images.shape == (1, 64, 64, 3) and np.isfinite(res.latents.numpy()).all()
+
+
+def test_sampler_flags_are_checked_before_any_work(tmp_path):
+    from guard_train.cli import main
+    from guard_train.guidance.schedulers import check_sampler
+
+    check_sampler("ddim", 0.5)
+    check_sampler("model", 0.0)
+    with pytest.raises(ParamError, match="DDIM only"):
+        check_sampler("euler", 0.5)
+    out = tmp_path / "gen"
+    assert main(["generate", "--prompts", "a red circle", "--scheduler", "euler", "--eta", "0.5", "--out", str(out)]) == 2
+    assert not out.exists()

@@ -26,6 +26,9 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from guard_train.guidance.base import ParamError
+from guard_train.guidance.schedulers import check_sampler
+
 OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 _COND = re.compile(r"^\s*([\w.]+)\s*(>=|<=|>|<)\s*([-\d.eE+]+)\s*$")
 
@@ -80,16 +83,16 @@ def _checkpoints(base: str, loras: list[str], run: str) -> list[tuple[str, str |
     return out or [("base", None)]
 
 
-def _load_engine(base: str, ckpt: str | None, max_batch: int):
+def _load_engine(base: str, ckpt: str | None, max_batch: int, scheduler: str = "ddim", eta: float = 0.0):
     """base + a LoRA dir, a full pipeline dir, or an accelerate checkpoint of either kind."""
     from guard_train.guidance.engine import GuidanceEngine
     from guard_train.models.loading import load_pipeline
 
     if ckpt is None:
-        return GuidanceEngine(load_pipeline(base), max_batch)
+        return GuidanceEngine(load_pipeline(base), max_batch, scheduler, eta)
     c = Path(ckpt)
     if (c / "model_index.json").exists():  # a full pipeline (final/ of a full fine-tune)
-        return GuidanceEngine(load_pipeline(str(c)), max_batch)
+        return GuidanceEngine(load_pipeline(str(c)), max_batch, scheduler, eta)
     pipe = load_pipeline(base)
     if (c / "pytorch_lora_weights.safetensors").exists():
         from guard_train.models.loading import load_lora
@@ -105,7 +108,7 @@ def _load_engine(base: str, ckpt: str | None, max_batch: int):
     else:
         raise EvalInputError(f"{ckpt}: neither LoRA weights, a pipeline, nor a UNet checkpoint")
     pipe.set_progress_bar_config(disable=True)
-    return GuidanceEngine(pipe, max_batch)
+    return GuidanceEngine(pipe, max_batch, scheduler, eta)
 
 
 def _reference(ref: str, prompts: str, per_group: int, seed: int):
@@ -180,6 +183,10 @@ def run_eval(a) -> int:
             check_model_arg(a.model)
         except ConfigError as e:
             raise EvalInputError(str(e)) from None
+        try:
+            check_sampler(a.scheduler, a.eta)
+        except ParamError as e:
+            raise EvalInputError(str(e)) from None
         ckpts = _checkpoints(a.model, a.lora, a.run)
         ref, pset = _reference(a.reference, a.prompts, a.prompts_per_group, a.seed)
         try:
@@ -203,7 +210,7 @@ def run_eval(a) -> int:
                 raise EvalInputError(str(e)) from None
         rows, per_prompt = [], []
         for name, ck in ckpts:
-            engine = _load_engine(a.model, ck, a.max_batch)
+            engine = _load_engine(a.model, ck, a.max_batch, a.scheduler, a.eta)
             for m in methods:
                 images, _, wall, extras = generate_distributed(engine, pset, m, a.num_images, a.steps, a.seed, state,
                                                                detect=(m == "cfg"))

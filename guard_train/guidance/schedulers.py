@@ -14,7 +14,7 @@ import inspect
 import diffusers
 import torch
 
-from guard_train.config.params import ParamValueError
+from guard_train.guidance.base import ParamError
 
 SCHEDULERS: dict[str, str] = {
     "ddim": "DDIMScheduler",
@@ -34,15 +34,24 @@ def make_scheduler(name: str, model_scheduler):
     if name == "model":
         return model_scheduler
     if name not in SCHEDULERS:
-        raise ParamValueError(f"scheduler {name!r} is not one of {', '.join(CHOICES)}")
-    return getattr(diffusers, SCHEDULERS[name]).from_config(model_scheduler.config)
+        raise ParamError(f"scheduler {name!r} is not one of {', '.join(CHOICES)}")
+    extra = {"skip_prk_steps": True} if name == "pndm" else {}  # SD's own PNDM setting (PLMS steps only)
+    return getattr(diffusers, SCHEDULERS[name]).from_config(model_scheduler.config, **extra)
+
+
+def check_sampler(name: str, eta: float) -> None:
+    """Before any work: a known scheduler, and η only where it can apply (DDIM, or the directory's own)."""
+    if name not in CHOICES:
+        raise ParamError(f"scheduler {name!r} is not one of {', '.join(CHOICES)}")
+    if eta and name not in ("ddim", "model"):
+        raise ParamError(f"eta={eta} applies to DDIM only, not {name!r} (use --scheduler ddim, or eta 0)")
 
 
 def check_eta(scheduler, eta: float) -> None:
     if not 0.0 <= eta <= 1.0:
-        raise ParamValueError(f"eta must be in [0, 1] (0 = deterministic DDIM, the papers' setting), got {eta}")
+        raise ParamError(f"eta must be in [0, 1] (0 = deterministic DDIM, the papers' setting), got {eta}")
     if eta and "eta" not in inspect.signature(scheduler.step).parameters:
-        raise ParamValueError(f"eta={eta} applies to DDIM only; {type(scheduler).__name__} has no eta "
+        raise ParamError(f"eta={eta} applies to DDIM only; {type(scheduler).__name__} has no eta "
                               f"(use --scheduler ddim, or eta 0)")
 
 
