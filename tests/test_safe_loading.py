@@ -104,3 +104,13 @@ h = transformers.CLIPModel.from_pretrained(p, use_safetensors=True).eval()
     else str(f.relative_to(ROOT)) for f in _sources()])
 def test_every_weight_load_passes_use_safetensors(path):
     assert unsafe_loads((ROOT / path).read_text(), _own_loader_classes()) == []
+
+
+def test_a_truncated_lora_file_is_a_clear_load_error(tmp_path):
+    """A damaged safetensors LoRA raises ModelLoadError naming the path (exit 2 in the CLI), not safetensors' own."""
+    from guard_train.models.loading import ModelLoadError, read_lora
+
+    src = ROOT / "models" / "tiny-sd-v-memorized-lora" / "pytorch_lora_weights.safetensors"
+    (tmp_path / "pytorch_lora_weights.safetensors").write_bytes(src.read_bytes()[:100])
+    with pytest.raises(ModelLoadError, match=str(tmp_path)):
+        read_lora(str(tmp_path))

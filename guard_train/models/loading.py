@@ -6,6 +6,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from diffusers import DDPMScheduler, StableDiffusionPipeline
+from safetensors import SafetensorError
 
 # The tiny SD's model_index.json names this module for its VAE slot; diffusers only loads components from modules
 # that are already imported (it never imports a module a repository names), so import it here.
@@ -52,7 +53,7 @@ def read_lora(path: str) -> tuple[dict, dict, dict | None]:
 
     try:
         sd, alphas = StableDiffusionPipeline.lora_state_dict(str(path), use_safetensors=True)
-    except (OSError, ValueError, EnvironmentError) as e:
+    except (OSError, ValueError, EnvironmentError, SafetensorError) as e:  # missing, not ours, or damaged
         raise ModelLoadError(
             f"could not load LoRA weights from {str(path)!r}: {str(e).splitlines()[0]}. Give a directory with "
             f"pytorch_lora_weights.safetensors (diffusers' save_lora_weights format; pickled .bin files are refused)."
