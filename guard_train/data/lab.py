@@ -284,7 +284,9 @@ def write_parquet(lab: Lab, path: str | Path) -> Path:
 
 
 def _write_manifest(lab: Lab, root: Path) -> None:
-    with open(root / "manifest.jsonl", "w") as f:
+    """The ground truth, after the images; manifest.jsonl (what readers take as "a written lab") is renamed into
+    place last, so an interrupted write never leaves a lab that looks complete."""
+    with open(root / "manifest.jsonl.tmp", "w") as f:
         for it in lab.items:
             f.write(json.dumps(asdict(it)) + "\n")
     with open(root / "held_out.jsonl", "w") as f:
@@ -298,6 +300,7 @@ def _write_manifest(lab: Lab, root: Path) -> None:
                 f.write(json.dumps({"prompt": it.caption, "label": int(it.is_dup), "group": it.caption_mode}) + "\n")
         for it in lab.held_out:
             f.write(json.dumps({"prompt": it.caption, "label": 0, "group": "held_out"}) + "\n")
+    (root / "manifest.jsonl.tmp").replace(root / "manifest.jsonl")
 
 
 def read_lab_config(root: str | Path) -> LabConfig:
