@@ -94,13 +94,14 @@ def test_copy_rates_counts_every_row_and_own_rows():
 
 
 def test_own_similarity_takes_the_best_of_the_prompts_own_rows():
-    from guard_train.eval.evaluate import Reference, own_similarity
+    from guard_train.eval.evaluate import Reference
+    from guard_train.metrics.copy import own_similarity
 
     ref = Reference(np.zeros((4, 2, 2, 3), np.uint8), keys=[10, 10, 11, 12])  # instance 10: original + a near copy
     sims = np.array([[0.2, 0.7, 0.9, 0.1],   # owner 10: best own row 0.7 (row 2, 0.9, is instance 11's)
                      [0.3, 0.1, 0.2, 0.6],   # owner 12
                      [0.9, 0.9, 0.9, 0.9]])  # no owner
-    got = own_similarity(sims, np.array([10, 12, -1]), ref)
+    got = own_similarity(sims, np.array([10, 12, -1]), ref.keys)
     assert got[:2].tolist() == [0.7, 0.6] and np.isnan(got[2])
     with pytest.raises(ValueError, match="owner 99"):
-        own_similarity(sims[:1], np.array([99]), ref)
+        own_similarity(sims[:1], np.array([99]), ref.keys)

@@ -21,7 +21,8 @@ def probe():
     from guard_train.guidance.engine import GuidanceEngine
     from guard_train.metrics.embed import get_embedder
 
-    from guard_train.eval.evaluate import Reference, own_similarity
+    from guard_train.eval.evaluate import Reference
+    from guard_train.metrics.copy import own_similarity
     from guard_train.metrics.embed import SSCDOnnx
 
     lab = build_lab(read_lab_config(LORA))
@@ -44,7 +45,7 @@ def probe():
         out = {}
         for kernel, emb in embedders.items():
             sims = emb.embed(res.images) @ e_train[kernel].T
-            own = own_similarity(sims, owner, ref) > 0.5
+            own = own_similarity(sims, owner, ref.keys) > 0.5
             out[kernel] = int(own[:n].sum()), int((sims.max(1)[n:] > 0.5).sum())
             print(f"{method} ({kernel}): own copies of duplicated captions {out[kernel][0]}/{n}, "
                   f"unique captions' copies {out[kernel][1]}/{n}")

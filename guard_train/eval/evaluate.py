@@ -23,7 +23,7 @@ from typing import Optional
 
 import numpy as np
 
-from guard_train.metrics.copy import copy_rates, diversity
+from guard_train.metrics.copy import copy_rates, diversity, own_similarity
 
 
 @dataclass
@@ -134,7 +134,7 @@ def score(images: np.ndarray, pset: PromptSet, ref: Reference, embedder, images_
     top1, nn = sims.max(1), sims.argmax(1)
     n = images_per_prompt
     owner = np.repeat(np.array(pset.owners), n)
-    own_top1 = own_similarity(sims, owner, ref)
+    own_top1 = own_similarity(sims, owner, ref.keys)
     nn_is_own = np.asarray(ref.keys)[nn] == owner
     group = np.repeat(np.array(pset.groups), n)
     caps = list(np.repeat(np.array(pset.prompts, dtype=object), n))
@@ -185,19 +185,6 @@ def score(images: np.ndarray, pset: PromptSet, ref: Reference, embedder, images_
                      "own_copies": int((own_top1[sl] > threshold).sum()),
                      "lab_alignment": float(np.nanmean(align[sl])), "diversity": float(div[i])})
     return metrics, rows
-
-
-def own_similarity(sims: np.ndarray, owner: np.ndarray, ref: Reference) -> np.ndarray:
-    """(N,) each generation's best similarity among its prompt's own training rows; NaN where it has none."""
-    out = np.full(len(sims), np.nan)
-    for key in np.unique(owner[owner >= 0]):
-        rows = ref.own_rows(int(key))
-        if not len(rows):
-            raise ValueError(f"prompt owner {int(key)} names no image of the reference set (keys: the lab instance or "
-                             f"the dataset's id column)")
-        sel = owner == key
-        out[sel] = sims[np.ix_(sel, rows)].max(1)
-    return out
 
 
 def _nanmean(x: np.ndarray) -> float:

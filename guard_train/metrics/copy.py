@@ -61,6 +61,20 @@ def copy_rates(top1: np.ndarray, own_top1: np.ndarray, threshold: float = 0.5) -
     return out
 
 
+def own_similarity(sims: np.ndarray, owner: np.ndarray, keys) -> np.ndarray:
+    """(N,) each generation's best similarity among its prompt's own reference rows (rows whose key is its owner);
+    NaN where the owner is -1. `sims` is (N, rows), `keys` the rows' keys."""
+    keys, out = np.asarray(keys), np.full(len(sims), np.nan)
+    for key in np.unique(owner[owner >= 0]):
+        rows = np.flatnonzero(keys == key)
+        if not len(rows):
+            raise ValueError(f"prompt owner {int(key)} names no image of the reference set (keys: the lab instance or "
+                             f"the dataset's id column)")
+        sel = owner == key
+        out[sel] = sims[np.ix_(sel, rows)].max(1)
+    return out
+
+
 def train_background(train: np.ndarray, threshold: float = 0.5) -> dict:
     sim, _ = top_k(train, train, 2)
     s = sim[:, 1]  # the nearest other image (top-1 is itself)

@@ -18,7 +18,7 @@ from typing import Optional
 import numpy as np
 import torch
 
-from guard_train.metrics.copy import copy_rates
+from guard_train.metrics.copy import copy_rates, own_similarity
 from guard_train.metrics.embed import Embedder
 from guard_train.models.prediction import to_x0
 
@@ -137,7 +137,7 @@ def score(rows, probes, train_images, train_keys, embedder: Embedder, threshold:
             sims = _sim(embedder, allg, train_images, emb_b=emb_train)
             top1 = sims.max(1)
             nn = keys[sims.argmax(1)]
-            own_top1 = np.array([sims[j, keys == k].max() for j, k in enumerate(owner)])
+            own_top1 = own_similarity(sims, owner, keys)
             rates = copy_rates(top1, own_top1, threshold)
             g.update(n_generations=rates.pop("n_images"), **rates, top1_median=float(np.median(top1)),
                      nn_is_own=float((nn == owner).mean()))
