@@ -263,6 +263,8 @@ def main(argv: list[str] | None = None) -> int:
     stp = sub.add_parser("status", help="what happened to a training run; exit 0 done, 75 preempted (requeue), "
                                         "1 failed or a rank died, 3 running")
     stp.add_argument("run_dir")
+    me = sub.add_parser("methods", help="the inference methods and every parameter: default, range, meaning")
+    me.add_argument("--markdown", action="store_true", help="as the Markdown table in docs/inference.md")
     lab = sub.add_parser("make-lab", help="write the lab dataset (imagefolder or parquet) with its manifest")
     lab.add_argument("--out", required=True)
     lab.add_argument("--format", choices=["imagefolder", "parquet"], default="imagefolder")
@@ -307,6 +309,17 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "generate":
         return _generate_cmd(args)
+    if args.cmd == "methods":
+        from guard_train.guidance import params_doc
+
+        if args.markdown:
+            print(params_doc.markdown())
+        else:
+            for m in params_doc.METHODS:
+                print(m)
+                for name, typ, default, allowed, doc, _ in params_doc.rows(m):
+                    print(f"  {name}: {typ} = {default}  [{allowed}]  {doc}")
+        return 0
     if args.cmd == "dedup":
         return _dedup_cmd(args)
     if args.cmd == "detect":

@@ -5,11 +5,13 @@ Installed on selected `attn2` layers (by module name or by execution order: down
 
 * capture — per sample: token mass a[b,k] = mean over heads h and queries q of softmax(S)[b,h,q,k] (a 77-vector),
   its entropy H = −Σ_k a_k log a_k (Ren et al. 2024's statistic, natural log, all positions), and, for chosen
-  layers, the head-averaged map [B, Q, 77] (Bright Ending's end-token maps).
+  layers, the head-averaged map [B, Q, 77] (Bright Ending's end-token maps) or per-head statistics (token mass per
+  head and the query-mean entropy per head: GUARD's dynamic head selection).
 * edit — on the pre-softmax logits S = q·kᵀ/√d, in this order:
   1. GUARD spike attenuation (Zhao et al. 2026, `_XAttnLogger`): for each (sample, head) row r of the selected
      batch rows, m[r,k] = max_q S[r,q,k]; μ_r, σ_r = mean and unbiased std of m over k ≥ 1 (BOS excluded); spike
-     where z = (m − μ)/(σ + 1e−6) > τ and k ≥ 1; the whole logit column of a spike is multiplied by s.
+     where z = (m − μ)/(σ + 1e−6) > τ and k ≥ 1 (optionally only in chosen heads); the whole logit column of a
+     spike is multiplied by s, or — the additive variant — has p added.
   2. per-token logit scale S[b,:,:,k] ×= c[b,k] (Ren et al.'s BOS ×1.25 on conditional rows).
   3. token mask: S[b,:,:,k] = −∞ where keep[b,k] is False (Ren et al.'s padding mask).
 When the state asks nothing of a layer, the processor calls diffusers' `AttnProcessor2_0` (SDPA), so instrumented
@@ -52,7 +54,9 @@ def cross_attention_layers(unet) -> list[str]:
 class SpikeEdit:
     rows: torch.Tensor  # (B,) bool: batch rows the attenuation applies to (e.g. GUARD's positive slice)
     tau: float = 0.1
-    scale: float = 0.3
+    scale: float = 0.3  # multiplicative edit: a spike's logit column × scale
+    penalty: Optional[float] = None  # additive edit instead: a spike's logit column + penalty
+    heads: Optional[dict[str, torch.Tensor]] = None  # layer -> (B, H) bool: heads where spikes may fire
 
 
 @dataclass
@@ -65,22 +69,29 @@ class CrossAttnState:
     token_mask: Optional[torch.Tensor] = None  # (B, T) bool keep-mask
     token_logit_scale: Optional[torch.Tensor] = None  # (B, T) float
     spike: Optional[SpikeEdit] = None
+    capture_heads: set[str] = field(default_factory=set)  # layers whose per-head mass / entropy to record
     keep_grad: bool = False  # keep captures in the autograd graph (e.g. an entropy loss); else detached
     # outputs (cleared by reset())
     mass: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (B, T)
     entropy: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (B,)
     maps: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (B, Q, T)
     spikes_fired: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (rows,) spike count per row
+    head_mass: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (B, H, T) mean over queries
+    head_entropy: dict[str, torch.Tensor] = field(default_factory=dict)  # layer -> (B, H) query-mean entropy
 
     def reset(self) -> None:
         self.mass, self.entropy, self.maps, self.spikes_fired = {}, {}, {}, {}
+        self.head_mass, self.head_entropy = {}, {}
+
+    def captures(self, layer: str) -> bool:
+        return layer in self.capture or layer in self.capture_maps or layer in self.capture_heads
 
     def edits(self, layer: str) -> bool:
         has = self.token_mask is not None or self.token_logit_scale is not None or self.spike is not None
         return has and (self.edit_layers is None or layer in self.edit_layers)
 
     def active(self, layer: str) -> bool:
-        return layer in self.capture or layer in self.capture_maps or self.edits(layer)
+        return self.captures(layer) or self.edits(layer)
 
 
 def token_entropy(p: torch.Tensor, eps: float = 1e-12) -> torch.Tensor:
@@ -133,7 +144,7 @@ class GuardAttnProcessor:
             q = attn.norm_q(q)
         if attn.norm_k is not None:
             k = attn.norm_k(k)
-        if not (self.name in st.capture or self.name in st.capture_maps or st.spike is not None):
+        if not (st.captures(self.name) or st.spike is not None):
             out = self._sdpa_edits(attn, q, k, v, attention_mask)  # mask / logit scale only: stay on SDPA
         else:
             out = self._explicit(attn, q, k, v, attention_mask, B)
@@ -179,10 +190,17 @@ class GuardAttnProcessor:
             rows = st.spike.rows.to(S.device)
             sub = S[rows].reshape(-1, N, T)  # ((sel·H), N, T): one statistic per (sample, head), as GUARD
             spikes = spike_mask(sub, st.spike.tau)
+            heads = (st.spike.heads or {}).get(self.name)
+            if heads is not None:  # dynamic head selection: spikes only in the chosen heads
+                spikes = spikes & heads.to(S.device)[rows].reshape(-1, 1)
             self.state.spikes_fired[self.name] = spikes.view(-1, H, T).sum(-1).float().mean(-1).detach()
-            factor = torch.where(spikes, torch.tensor(st.spike.scale, dtype=S.dtype, device=S.device), 1.0)
+            if st.spike.penalty is not None:
+                edited = sub + spikes[:, None, :].to(S.dtype) * st.spike.penalty
+            else:
+                s = torch.tensor(st.spike.scale, dtype=S.dtype, device=S.device)
+                edited = sub * torch.where(spikes, s, 1.0)[:, None, :]
             S = S.clone()
-            S[rows] = (sub * factor[:, None, :]).view(-1, H, N, T)
+            S[rows] = edited.view(-1, H, N, T)
         if st.token_logit_scale is not None:
             S = S * st.token_logit_scale.to(S)[:, None, None, :]
         if st.token_mask is not None:
@@ -198,6 +216,9 @@ class GuardAttnProcessor:
             st.entropy[self.name] = token_entropy(mass)
         if self.name in st.capture_maps:
             st.maps[self.name] = keep(P.mean(dim=1))  # (B, N, T)
+        if self.name in st.capture_heads:
+            st.head_mass[self.name] = keep(P.mean(dim=2))  # (B, H, T)
+            st.head_entropy[self.name] = keep(token_entropy(P).mean(dim=2))  # (B, H)
 
 
 def install(unet, layers: Iterable[str | int] | str = "all", state: Optional[CrossAttnState] = None) -> CrossAttnState:

@@ -69,12 +69,20 @@ UNIT = Range(ge=0, le=1)  # fractions
 FINITE = Range()
 
 
-def ranged(default: Any = None, *, factory: Optional[Callable[[], Any]] = None, **bounds: Any) -> Any:
-    """A dataclass field with its valid range: `lr: float = ranged(1e-4, gt=0)`."""
-    meta = {"range": Range(**bounds)}
+def ranged(default: Any = None, *, factory: Optional[Callable[[], Any]] = None, doc: str = "",
+           official: str = "", **bounds: Any) -> Any:
+    """A dataclass field with its valid range: `lr: float = ranged(1e-4, gt=0)`; `doc` says what it does and
+    `official`, where it differs from ours, the method authors' default (both go into the docs' parameter tables)."""
+    meta = {"range": Range(**bounds), "doc": doc, "official": official}
     if factory is not None:
         return field(default_factory=factory, metadata=meta)
     return field(default=default, metadata=meta)
+
+
+def field_doc(f) -> tuple[str, str]:
+    """(doc, the authors' default where it differs) of a field declared with `ranged`."""
+    m = f.metadata or {}
+    return m.get("doc", ""), m.get("official", "")
 
 
 def field_range(f) -> Optional[Range]:

@@ -14,10 +14,21 @@ from typing import TYPE_CHECKING, Any, Optional
 
 import torch
 
-from guard_train.config.params import ParamValueError, check_value, field_range, parse, type_hints
+from guard_train.config.params import ParamValueError, check_value, field_range, parse, ranged, type_hints
 
 if TYPE_CHECKING:
     from guard_train.guidance.engine import GenContext
+
+
+@dataclass
+class Spike:
+    """GUARD's spike edit for one branch: z-score threshold tau; a spike's logit column × scale, or + penalty when
+    penalty is set; heads: layer -> (R, H) bool, the heads where spikes may fire (None: every head)."""
+
+    tau: float
+    scale: float = 1.0
+    penalty: Optional[float] = None
+    heads: Optional[dict[str, torch.Tensor]] = None
 
 
 @dataclass
@@ -26,7 +37,7 @@ class AttnEdit:
 
     token_mask: Optional[torch.Tensor] = None
     token_logit_scale: Optional[torch.Tensor] = None
-    spike: Optional[tuple[float, float]] = None  # (tau, scale)
+    spike: Optional[Spike] = None
 
 
 @dataclass
@@ -44,10 +55,13 @@ class Strategy:
 
     @dataclass
     class Params:
-        guidance_scale: float = 7.5  # every float parameter must be finite
+        guidance_scale: float = ranged(7.5, doc="CFG weight w")  # every float parameter must be finite
 
     edit_layers: Optional[set[str]] = None  # layers where branch edits apply (None = every cross-attn layer)
     capture_maps: set[str] = set()  # layers whose attention maps the strategy needs recorded
+    capture_mass: set[str] = set()  # layers whose per-row token mass the strategy reads (engine.last_mass)
+    capture_heads: set[str] = set()  # layers whose per-head statistics it reads (engine.last_heads)
+    own_branch: str = "cond"  # the prompt's own unedited conditional branch: its ‖ε_c − ε_u‖ is the recorded magnitude
 
     def __init__(self, **params: Any):
         known = {f.name: f for f in fields(self.Params)}
@@ -67,7 +81,7 @@ class Strategy:
         raise NotImplementedError
 
     def needs_attention(self) -> bool:
-        return bool(self.capture_maps)
+        return bool(self.capture_maps or self.capture_mass or self.capture_heads)
 
 
 def _cast(params_cls: type, f, v):

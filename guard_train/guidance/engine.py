@@ -115,7 +115,7 @@ class GuidanceEngine:
         use_attn = any(e is not None for e in edits) or strategy.needs_attention() or bool(self.record_mass)
         if use_attn and self.attn is None:
             self.attn = install(self.unet, "all")
-        out, fired, maps, mass = [], [], [], []
+        out, fired, maps, mass, heads = [], [], [], [], []
         for s in range(0, len(x), self.max_batch):
             sl = slice(s, min(s + self.max_batch, len(x)))
             if self.attn is not None:
@@ -125,10 +125,13 @@ class GuidanceEngine:
                 fired.append(dict(self.attn.spikes_fired))
                 maps.append(dict(self.attn.maps))
                 mass.append(dict(self.attn.mass))
+                heads.append({k: (m, self.attn.head_entropy[k]) for k, m in self.attn.head_mass.items()})
         eps = torch.cat(out)
         # attention outputs of all chunks, concatenated per layer (rows in batch order)
         cat = lambda parts: {k: torch.cat([p[k] for p in parts if k in p]) for k in (parts[0] if parts else {})}
         self.last_fired, self.last_maps, self.last_mass = cat(fired), cat(maps), cat(mass)
+        self.last_heads = {k: tuple(torch.cat([p[k][j] for p in heads if k in p]) for j in (0, 1))
+                           for k in (heads[0] if heads else {})}  # layer -> ((B, H, T) mass, (B, H) entropy)
         self.last_names = names
         return {n: eps[k * R : (k + 1) * R] for k, n in enumerate(names)}
 
@@ -137,13 +140,14 @@ class GuidanceEngine:
         st.reset()
         st.edit_layers = strategy.edit_layers
         st.capture_maps = set(strategy.capture_maps) | set(self.record_maps)
-        st.capture = set(self.record_mass)
+        st.capture = set(self.record_mass) | set(strategy.capture_mass)
+        st.capture_heads = set(strategy.capture_heads)
         T = self.tokenizer.model_max_length
         mask = torch.ones(len(edits) * R, T, dtype=torch.bool)
         scale = torch.ones(len(edits) * R, T)
         spike_rows = torch.zeros(len(edits) * R, dtype=torch.bool)
         has_mask = has_scale = False
-        spike = None
+        spike, heads = None, {}
         for k, e in enumerate(edits):
             if e is None:
                 continue
@@ -152,11 +156,14 @@ class GuidanceEngine:
                 mask[r], has_mask = e.token_mask, True
             if e.token_logit_scale is not None:
                 scale[r], has_scale = e.token_logit_scale, True
-            if e.spike is not None:
+            if e.spike is not None:  # one spike setting per step (tau, scale, penalty); head masks per branch
                 spike_rows[r], spike = True, e.spike
+                for layer, m in (e.spike.heads or {}).items():
+                    heads.setdefault(layer, torch.ones(len(edits) * R, m.shape[1], dtype=torch.bool))[r] = m
         st.token_mask = mask[sl] if has_mask else None
         st.token_logit_scale = scale[sl] if has_scale else None
-        st.spike = SpikeEdit(spike_rows[sl], *spike) if spike is not None else None
+        st.spike = None if spike is None else SpikeEdit(
+            spike_rows[sl], spike.tau, spike.scale, spike.penalty, {k: m[sl] for k, m in heads.items()} or None)
 
     # -- the loop ------------------------------------------------------------------------------------------------
     @torch.no_grad()
@@ -173,7 +180,7 @@ class GuidanceEngine:
         for i, t in enumerate(tqdm(timesteps, disable=not progress, desc=strategy.name)):
             eps = self.predict(x, t, strategy.branches(i, int(t), ctx), strategy)
             if record:
-                self._record(eps, ctx, t)
+                self._record(eps, ctx, t, strategy.own_branch)
             if record and self.attn is not None and self.last_fired:
                 ctx.state.setdefault("spikes_per_step", []).append(self.last_fired)
             if self.attn is not None and self.last_maps:
@@ -181,17 +188,15 @@ class GuidanceEngine:
             x = self.scheduler.step(strategy.combine(eps, i, int(t), ctx), t, x, **extra).prev_sample
         return x
 
-    def _record(self, eps: dict[str, torch.Tensor], ctx: GenContext, t) -> None:
-        key = _own_branch(eps)
-        if key is None:
-            return
+    def _record(self, eps: dict[str, torch.Tensor], ctx: GenContext, t, key: str) -> None:
         c = eps.get(key)
         if c is not None and "uncond" in eps and epsilon_defined(self.scheduler, t):
             d = epsilon_difference(self.scheduler, c, eps["uncond"], t)  # ε units on v-prediction models too
             ctx.stats["magnitude"].append(d.flatten(1).norm(dim=1).float().cpu())
             if "diff" in ctx.stats:
                 ctx.stats["diff"].append(d.float().cpu())
-        if "mass" in ctx.stats and self.last_mass:  # conditional rows' token mass, layers in execution order
+        # the own branch's rows' token mass, layers in execution order
+        if "mass" in ctx.stats and self.last_mass and key in self.last_names:
             R, k = ctx.rows, self.last_names.index(key)
             ctx.stats["mass"].append(torch.stack([self.last_mass[l][k * R : (k + 1) * R] for l in self.layers
                                                   if l in self.last_mass]).cpu())
@@ -260,7 +265,7 @@ class GuidanceEngine:
             names, maps = ctx.state["last_maps"]
             from guard_train.guidance.strategies.wen import end_token_mask
 
-            k = names.index(_own_branch(names))
+            k = names.index(strategy.own_branch)
             sel = {l: m for l, m in maps.items() if l.startswith("down_blocks.0.")}
             stats["end_mask"] = end_token_mask(sel, slice(k * ctx.rows, (k + 1) * ctx.rows), ctx.lengths,
                                                tuple(x.shape[-2:]))
@@ -303,8 +308,3 @@ def strategy_record(ctx: GenContext, r: int) -> dict:
             out[k] = v[r].item() if torch.is_tensor(v) else v[r] if isinstance(v, list) else v
     return out
 
-
-def _own_branch(names) -> Optional[str]:
-    """The prompt's own conditional branch among a step's branches: "neg" in GUARD (the unedited memorized prompt),
-    "cond" in CFG-like strategies, "pos" where the only conditional branch is an edited one (GUARD attenuation-only)."""
-    return next((k for k in ("neg", "cond", "pos") if k in names), None)

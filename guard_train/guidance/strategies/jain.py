@@ -26,9 +26,9 @@ class JainStatic(Strategy):
 
     @dataclass
     class Params:
-        guidance_scale: float = 7.5
-        transition_t: int = ranged(500, ge=0)
-        guidance_before: float = 0.0
+        guidance_scale: float = ranged(7.5, doc="CFG weight after the transition")
+        transition_t: int = ranged(500, ge=0, doc="timestep of the static transition point")
+        guidance_before: float = ranged(0.0, doc="guidance weight while t > transition_t")
 
     def combine(self, eps, i, t, ctx):
         w = self.p.guidance_before if t > self.p.transition_t else self.p.guidance_scale
@@ -40,9 +40,9 @@ class OppositeStatic(JainStatic):
 
     @dataclass
     class Params:
-        guidance_scale: float = 7.5
-        transition_t: int = ranged(650, ge=0)
-        guidance_before: float = -2.0
+        guidance_scale: float = ranged(7.5, doc="CFG weight after the transition")
+        transition_t: int = ranged(650, ge=0, doc="timestep of the static transition point")
+        guidance_before: float = ranged(-2.0, doc="(opposite) guidance weight while t > transition_t")
 
 
 class JainDynamic(Strategy):
@@ -50,8 +50,8 @@ class JainDynamic(Strategy):
 
     @dataclass
     class Params:
-        guidance_scale: float = 7.5
-        guidance_before: float = 1.0
+        guidance_scale: float = ranged(7.5, doc="CFG weight after the detected transition")
+        guidance_before: float = ranged(1.0, doc="guidance weight before it (1: the conditional prediction)")
 
     def prepare(self, ctx):
         ctx.state["d"] = []
@@ -97,8 +97,8 @@ class OppositeDynamic(Strategy):
 
     @dataclass
     class Params:
-        guidance_scale: float = 7.5
-        opposite_scale: float = 7.5
+        guidance_scale: float = ranged(7.5, doc="CFG weight after the transition")
+        opposite_scale: float = ranged(7.5, doc="s: guidance −s before the transition (found by a probe pass)")
 
     def prepare(self, ctx):
         ctx.engine.run(ctx, _Probe(), record=False)  # costs one extra full trajectory

@@ -24,8 +24,8 @@ class GNI(Strategy):
 
     @dataclass
     class Params:
-        guidance_scale: float = 7.5
-        noise_lambda: float = ranged(0.1, ge=0)
+        guidance_scale: float = ranged(7.5, doc="CFG weight")
+        noise_lambda: float = ranged(0.1, ge=0, doc="λ: Gaussian noise scale on the prompt embeddings")
 
     def prepare(self, ctx):
         def noise(x: torch.Tensor, salt: int) -> torch.Tensor:
@@ -45,8 +45,8 @@ class GNI(Strategy):
 class _Insert(Strategy):
     @dataclass
     class Params:
-        guidance_scale: float = 7.5
-        repeats: int = ranged(4, ge=1)
+        guidance_scale: float = ranged(7.5, doc="CFG weight")
+        repeats: int = ranged(4, ge=1, doc="tokens / words / numbers inserted")
 
     def words(self, prompt: str, rng: np.random.Generator, tokenizer) -> list[str]:
         raise NotImplementedError

@@ -21,9 +21,10 @@ class Ren(Strategy):
 
     @dataclass
     class Params:
-        guidance_scale: float = 7.5
-        bos_scale: float = ranged(1.25, gt=0)
-        mask_first_eos: bool = False  # `mask_length_minis1`: also drop the first EOS (off in the reference)
+        guidance_scale: float = ranged(7.5, doc="CFG weight")
+        bos_scale: float = ranged(1.25, gt=0, doc="C: the BOS logit multiplier on conditional rows",
+                                  official="1.0 (CLI default = off); 1.25 in the scripts")
+        mask_first_eos: bool = ranged(False, doc="also mask the first EOS (the reference's mask_length_minis1)")
 
     def branches(self, i, t, ctx):
         T = ctx.cond.shape[1]

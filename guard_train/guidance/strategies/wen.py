@@ -22,7 +22,7 @@ from typing import Optional
 import torch
 
 from guard_train.config.params import ranged
-from guard_train.guidance.base import Strategy, cfg_combine
+from guard_train.guidance.base import ParamError, Strategy, cfg_combine
 from guard_train.models.prediction import epsilon_difference, first_epsilon_step
 
 
@@ -31,10 +31,13 @@ class WenOpt(Strategy):
 
     @dataclass
     class Params:
-        guidance_scale: float = 7.5
-        lr: float = ranged(0.05, gt=0)
-        max_iters: int = ranged(10, ge=1)
-        target_loss: float = ranged(3.0, ge=0)
+        guidance_scale: float = ranged(7.5, doc="CFG weight of the generation and of the steps before the loss")
+        lr: float = ranged(0.05, gt=0, doc="AdamW learning rate on the prompt embedding")
+        max_iters: int = ranged(10, ge=1, doc="optimisation iterations at most")
+        target_loss: float = ranged(3.0, ge=0, doc="stop when the prompt's loss is at most this",
+                                    official="3 (README); BE's 1")
+        target_step: int = ranged(0, ge=0, doc="sampling step whose magnitude is minimised (0: the first; "
+                                  "zero-terminal-SNR: at least the first with ᾱ > 0)")
 
     def mask(self, ctx) -> Optional[torch.Tensor]:
         return None
@@ -84,9 +87,13 @@ class WenOpt(Strategy):
         ctx.state["opt_loss"] = loss_p[groups].tolist()
 
     def _target_step(self, ctx) -> tuple[torch.Tensor, torch.Tensor]:
-        """(t, x_t) where the loss is taken: (t_0, x_T), or the first step with ᾱ_t > 0 reached by CFG steps."""
+        """(t, x_t) where the loss is taken: step max(target_step, first step with ᾱ_t > 0), x reached by CFG steps
+        with the prompt's own embedding. The optimised embedding then drives the whole generation from x_T, as in
+        Wen et al.'s code."""
         eng = ctx.engine
-        k = first_epsilon_step(eng.scheduler, ctx.timesteps)
+        k = max(self.p.target_step, first_epsilon_step(eng.scheduler, ctx.timesteps))
+        if k >= len(ctx.timesteps):
+            raise ParamError(f"target_step {self.p.target_step} is past the last of {len(ctx.timesteps)} steps")
         x = eng.run(ctx, _Baseline(self.p.guidance_scale, set()), stop=k, record=False) if k else ctx.latents0
         ctx.state["opt_step"] = k
         return ctx.timesteps[k], x
@@ -121,10 +128,12 @@ class BrightEndingOpt(WenOpt):
 
     @dataclass
     class Params:
-        guidance_scale: float = 7.5
-        lr: float = ranged(0.05, gt=0)
-        max_iters: int = ranged(10, ge=1)
-        target_loss: float = ranged(1.0, ge=0)
+        guidance_scale: float = ranged(7.5, doc="CFG weight of the generation and of the steps before the loss")
+        lr: float = ranged(0.05, gt=0, doc="AdamW learning rate on the prompt embedding")
+        max_iters: int = ranged(10, ge=1, doc="optimisation iterations at most")
+        target_loss: float = ranged(1.0, ge=0, doc="stop when the prompt's loss is at most this")
+        target_step: int = ranged(0, ge=0, doc="sampling step whose magnitude is minimised (0: the first; "
+                                  "zero-terminal-SNR: at least the first with ᾱ > 0)")
 
     def mask(self, ctx):
         eng = ctx.engine
