@@ -2,7 +2,7 @@
 
     python benchmarks/denoise_by_timestep.py [--model models/tiny-sd] [--lora models/tiny-sd-memorized-lora | none]
 
-Why: an SSCD copy needs texture within ~2x blur of the training image (shared/reference/lab-memorization-cpu.md).
+Why: an SSCD copy needs texture within ~2x blur of the training image (docs/base-model.md).
 A sample's last denoising steps run at small t, so if the model's x0 prediction from a *lightly* noised image is
 already far below the codec's own ceiling (t = 0: encode → decode), no sample can be an SSCD copy, however well the
 model memorized the image's layout. On the lab images of the memorizing LoRA's training set (the base never saw

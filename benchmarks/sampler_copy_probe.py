@@ -3,7 +3,7 @@
     python benchmarks/sampler_copy_probe.py --lora models/tiny-sd-memorized-lora [--steps 25,50,100] [--scales 1,3,7.5]
 
 The lab benchmark and the training summary sample with DDIM 25 steps at CFG 7.5. Copies need sharp texture (SSCD
-sees the background photo, lab-memorization-cpu.md), so the number of DDIM steps and the guidance scale could
+sees the background photo, docs/lab.md), so the number of DDIM steps and the guidance scale could
 change how often a memorized duplicate comes out as an SSCD copy. Plain CFG only, on the duplicated and as many
 unique training captions; per setting: copy rate (top-1 SSCD > 0.5 against every training image), own copies,
 top-1 median. Seeds fixed, so settings differ only in the sampler.

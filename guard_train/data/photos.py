@@ -2,7 +2,7 @@
 
 Why natural photos: SSCD keys on background texture. On flat procedural scenes a new instance of the same
 caption scores *higher* than a near-copy, so a copy metric would call generalisation copying; crops of real photos
-give every instance its own texture (`shared/reference/lab-copy-detection.md`). The photos ship inside
+give every instance its own texture (docs/lab.md). The photos ship inside
 scikit-image and scikit-learn, so nothing is downloaded.
 
 Disjointness: each photo is cut into a grid of square cells; a fixed, seeded half of the cells belongs to the
@@ -17,8 +17,8 @@ from functools import lru_cache
 
 import numpy as np
 
-# name used in captions -> loader; the 7 photos whose tiles SSCD tells apart (lab-memorization-cpu.md §1:
-# rocket and retina were dropped because their crops are SSCD-copies of each other).
+# name used in captions -> loader; the 7 photos whose tiles SSCD tells apart (measured when the lab was
+# designed: rocket and retina were dropped because their crops are SSCD-copies of each other).
 PHOTO_NAMES: tuple[str, ...] = ("astronaut", "cat", "coffee", "cells", "motorcycle", "temple", "flower")
 GRID = 5  # cells along the short side
 SPLIT_SEED = 20261123

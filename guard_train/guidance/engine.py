@@ -37,7 +37,7 @@ class GenContext:
     prompt_index: list[int]  # per row
     cond: torch.Tensor  # (R, T, D)
     uncond: torch.Tensor
-    lengths: torch.Tensor  # (R,) unpadded token count (BOS..first EOS) — "L" in methods.md §0.2
+    lengths: torch.Tensor  # (R,) unpadded token count (BOS..first EOS) — "L" in the papers' notation
     latents0: torch.Tensor
     timesteps: torch.Tensor
     steps: int

@@ -1,6 +1,6 @@
 """Copy-metric calibration on the lab: does the metric tell a copy from a new instance of the same caption?
 
-Rows (lab-copy-detection.md): near-copy vs its original; a new instance with the same caption attributes vs the
+Rows (docs/lab.md, copy calibration): near-copy vs its original; a new instance with the same caption attributes vs the
 original (what generalisation looks like); different captions; and the train–train top-2 background
 (Somepalli et al.). A copy metric is only meaningful if near-copies score high and the other rows low. The
 lab-calibrated threshold is the midpoint between the near-copy 5th percentile and the new-instance 95th.

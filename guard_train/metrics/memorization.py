@@ -3,7 +3,7 @@
 * One-step reconstruction probe (in the spirit of Webster 2023's one-step extraction): noise a training image's
   latent to timestep t, take the model's one-step x̂₀ = (x_t − √(1−ᾱ_t) ε̂(x_t, t, c)) / √ᾱ_t under its caption,
   decode, and score the copy similarity to the original. One UNet call per image; it separates duplicated from
-  unique images before samples are clean (lab-memorization-cpu.md: 0.41–0.56 vs 0.10–0.23 at t = 200).
+  unique images before samples are clean (on the tiny SD: 0.41–0.56 vs 0.10–0.23 at t = 200, docs/base-model.md).
 * Generation copy rate: sample with CFG from a caption, take the top-1 similarity against every training image —
   every row, planted near-copies included (Somepalli protocol); a copy = top-1 > threshold (0.5 for SSCD, the
   papers' value). Own-copy rate: the best match among the caption's own rows (all of its copies) > threshold.

@@ -1,7 +1,7 @@
 """PatchPCACodec: the tiny SD's image codec, a drop-in for `AutoencoderKL` in `StableDiffusionPipeline`.
 
 Why not a small `AutoencoderKL`: one trained for minutes on CPU reconstructs so blurrily that SSCD(reconstruction,
-original) has median 0.30 — no copy could ever be detected through it (lab-memorization-cpu.md §2). This codec is
+original) has median 0.30 — no copy could ever be detected through it (docs/base-model.md). This codec is
 linear and fitted, not trained:
 
     encode:  x ∈ [-1, 1]^(3×H×W) → pixel_unshuffle(p) → (3p²)-vectors → z = Wᵀ(v − μ)  (top-k PCA basis W)

@@ -657,7 +657,7 @@ class Trainer:
         import torch.distributed as dist
 
         if dist.is_available() and dist.is_initialized():
-            dist.destroy_process_group()  # avoids the intermittent SIGABRT at DDP exit (stack-on-cpu.md §4)
+            dist.destroy_process_group()  # without it, gloo DDP runs on CPU intermittently abort (SIGABRT) at exit
 
     def _batches(self, dl):
         """Map-style shards are equal by construction. Streams may differ by a batch between ranks: every rank then

@@ -3,7 +3,7 @@
 Like SD is pretrained on LAION before anyone fine-tunes it, the tiny SD is pretrained here, offline, on an
 endless stream of scenes drawn from the *pretraining* cells of the photos (disjoint from the fine-tuning lab,
 see data/photos.py). The UNet and the text encoder are trained jointly (a frozen random text encoder hardly tells
-captions apart, stack-on-cpu.md §7); fine-tuning then freezes the text encoder, as SD does.
+captions apart: its caption embeddings are nearly identical); fine-tuning then freezes the text encoder, as SD does.
 
 Every step sees new images, so the base learns the distribution rather than instances. Weights are kept as an EMA
 (decay 0.999) and exported in diffusers layout; the run can be resumed from its own state or continued from an

@@ -1,5 +1,5 @@
 """Jain et al., "Classifier-Free Guidance inside the Attraction Basin May Cause Memorization" (CVPR 2025), as the
-released scripts run (methods.md §3). ε̂ = ε_u + w (ε_c − ε_u) with a guidance scale that changes at a transition
+released scripts run. ε̂ = ε_u + w (ε_c − ε_u) with a guidance scale that changes at a transition
 point:
 
 * `jain_static`       w = 0 while t > τ (τ = 500), then 7.5                       (generate_test_dataset_stp.py)

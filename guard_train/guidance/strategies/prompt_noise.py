@@ -1,5 +1,5 @@
 """Prompt perturbations — Somepalli et al., "Understanding and Mitigating Copying in Diffusion Models" (NeurIPS
-2023), `sd_mitigation.py` (methods.md §6.3), each followed by ordinary CFG (w = 7.5):
+2023), `sd_mitigation.py` in their released code, each followed by ordinary CFG (w = 7.5):
 * `gni`            Gaussian noise λ·N(0, 1) (λ = 0.1) on the prompt embeddings, both CFG branches.
 * `random_token`   insert 4 random vocabulary tokens (ids < 49400) at random word positions.
 * `word_repeat`    insert 4 words sampled from the prompt at random word positions.

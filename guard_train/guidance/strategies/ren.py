@@ -1,5 +1,5 @@
 """Ren et al., "Unveiling and Mitigating Memorization in Text-to-image Diffusion Models through Cross Attention"
-(ECCV 2024), inference-time mitigation as `renjie3/MemAttn` runs it (methods.md §2.3), in every cross-attention
+(ECCV 2024), inference-time mitigation as `renjie3/MemAttn` runs it, in every cross-attention
 layer at every step, with ordinary CFG (w = 7.5):
   1. mask the summary tokens: logits of positions k ≥ L (padding after the first EOS) set to −∞, on the
      unconditional and the conditional rows alike (the prompt's L is used for both);

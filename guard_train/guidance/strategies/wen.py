@@ -1,7 +1,7 @@
 """Prompt-embedding optimisation at step 0, then an ordinary CFG generation.
 
 * `wen_opt` — Wen et al., "Detecting, Explaining, and Mitigating Memorization in Diffusion Models" (ICLR 2024),
-  `aug_prompt` (methods.md §5.4): minimise L(e) = ‖ε_θ(x_T, e) − ε_θ(x_T, ∅)‖₂ (Frobenius over the prompt's N
+  `aug_prompt` in their released code: minimise L(e) = ‖ε_θ(x_T, e) − ε_θ(x_T, ∅)‖₂ (Frobenius over the prompt's N
   images) over the conditional embedding e (position 0 frozen) with AdamW (lr 0.05), ≤ 10 iterations, stopping
   when L ≤ 3. Each prompt is optimised on its own (per-prompt stopping; stopped prompts are frozen).
 * `be_opt` — Bright Ending (Chen et al., ICLR 2025), `inference_mem.py --run_version ours_A` (§4.1, §4.4): a

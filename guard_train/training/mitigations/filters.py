@@ -2,7 +2,7 @@
 
 * `EntropyFilter` — Ren et al., "Unveiling and Mitigating Memorization in Text-to-image Diffusion Models through
   Cross Attention" (ECCV 2024), training-time mitigation. The authors released no training code; this is our
-  implementation of their description (methods.md §2.4). For sample b at its random timestep t_b, with
+  implementation of their description (docs/mitigations.md). For sample b at its random timestep t_b, with
   a_b = mean over heads and queries of the cross-attention probabilities of the chosen layer(s) (averaged over
   layers), taken from the training forward itself (no extra UNet pass):
         H_b = −Σ_k a_b[k] log a_b[k]            (77 positions, natural log)

@@ -1,13 +1,14 @@
 """Weighted data order, sharded across ranks: duplicate-aware sampling and Somepalli et al.'s injection testbed.
 
-* Duplicate-aware (mitigation, [inferred] from methods.md §11): item i is drawn with probability
+* Duplicate-aware (our mitigation, following Somepalli et al.'s finding that duplicated images are the copied
+  ones; no paper ships it as code): item i is drawn with probability
       p_i ∝ 1 / |cluster(i)|^α          (α = 1: every near-duplicate cluster is sampled like one image)
   with clusters from `guard-train dedup`.
 * Injection (to *build* memorizing models on purpose; Somepalli et al., NeurIPS 2023, `datasets.py`): a seeded
   `fraction` (5 %) of items get weight `weight` (5), the rest 1.
 Each epoch draws n = len(dataset) indices with replacement (the epoch length is kept) from a generator seeded by
 (seed, epoch) — identical on every rank, so the global sequence is one permutation-like draw and rank r takes
-positions r, r+W, … (disjoint). Accelerate never re-wraps it (ecosystem.md §6.2): the loop shards itself.
+positions r, r+W, … (disjoint). Accelerate never re-wraps it (the loop shards itself; see training/sampler.py).
 """
 
 from __future__ import annotations
