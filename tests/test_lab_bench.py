@@ -10,12 +10,30 @@ from guard_train.eval.lab_bench import (INFER_ARMS, ROOT, TRAIN_ARMS, _slug, inf
                                         weights_fingerprint)
 
 
-@pytest.mark.slow  # ~5 min on 2 cores: CI's second step, keeping the default suite under ~15 min
-def test_smoke_lab_runs_every_arm_and_reuses_finished_cells(tmp_path, tiny_sd_dir):
+ARMS, METHODS = ["plain", "entropy+dup (default)"], ["cfg", "guard"]
+
+
+def test_every_training_arm_is_a_valid_run_config(tmp_path, tiny_sd_dir):
+    """Each arm's overrides load as a run config (the smoke run below trains only two of them)."""
+    from guard_train.config.loader import load_config
+    from guard_train.eval.lab_bench import SIZES, _overrides
+
+    for arm in TRAIN_ARMS:
+        cfg = load_config(_overrides(SIZES["smoke"], arm, 0, tmp_path, str(tiny_sd_dir)))
+        assert cfg.train.max_steps == 8, arm
+
+
+@pytest.mark.slow  # ~2 min on 2 cores: CI's second step, keeping the default suite under ~15 min
+def test_smoke_lab_runs_arms_and_reuses_finished_cells(tmp_path, tiny_sd_dir):
+    """Two training arms and two inference methods, 2 seeds each (every method runs in tests/test_engine.py)."""
     out = tmp_path / "lab"
-    res = run_lab("smoke", out, model=str(tiny_sd_dir), progress=lambda *_: None)
+
+    def run(o, **kw):
+        return run_lab("smoke", o, model=str(tiny_sd_dir), arms=ARMS, methods=METHODS, **kw)
+
+    res = run(out, progress=lambda *_: None)
     t = res["table"]
-    assert list(t["train"]) == list(TRAIN_ARMS) and list(t["infer"]) == list(INFER_ARMS)
+    assert list(t["train"]) == ARMS and list(t["infer"]) == METHODS
     for kind, cost in (("train", "cost_vs_plain"), ("infer", "cost_vs_cfg")):
         for arm, row in t[kind].items():
             s = row["stats"]
@@ -27,28 +45,27 @@ def test_smoke_lab_runs_every_arm_and_reuses_finished_cells(tmp_path, tiny_sd_di
     assert any(k.startswith("auroc.") for k in t["train"]["plain"]["stats"])
     assert t["infer"]["guard"]["stats"]["duplicated.localized_similarity_mean"]["n"] == 2  # end-token mask recorded
     cells = [json.loads(p.read_text()) for p in (out / "cells").glob("train__*.json")]
-    assert len(cells) == 12 and all([p["step"] for p in c["over_training"]] == [4, 8] for c in cells)
+    assert len(cells) == 4 and all([p["step"] for p in c["over_training"]] == [4, 8] for c in cells)
     md = (out / "lab-results.md").read_text()
-    assert res["backend"] in md and all(f"| {a} |" in md for a in [*TRAIN_ARMS, *INFER_ARMS])
+    assert res["backend"] in md and all(f"| {a} |" in md for a in [*ARMS, *METHODS])
     head = (out / "headline.md").read_text()
-    assert head.count("| train: ") == len(TRAIN_ARMS) and head.count("| infer: ") == len(INFER_ARMS)
+    assert head.count("| train: ") == len(ARMS) and head.count("| infer: ") == len(METHODS)
     assert (out / "tradeoff.png").stat().st_size > 0 and (out / "over_training.png").stat().st_size > 0
     grids = {p.name for p in (out / "grids").glob("*.png")}
-    assert grids == {f"train_{_slug(a)}.png" for a in TRAIN_ARMS} | {f"infer_{_slug(m)}.png" for m in INFER_ARMS}
-    again = run_lab("smoke", out, model=str(tiny_sd_dir), progress=lambda *_: None)  # nothing recomputed
-    assert again["cells_reused"] == again["cells_total"] == 36 and (out / "lab-results.md").read_text() == md
+    assert grids == {f"train_{_slug(a)}.png" for a in ARMS} | {f"infer_{_slug(m)}.png" for m in METHODS}
+    again = run(out, progress=lambda *_: None)  # nothing recomputed
+    assert again["cells_reused"] == again["cells_total"] == 8 and (out / "lab-results.md").read_text() == md
     # cells kept elsewhere (as --docs keeps them in docs/): another output dir reuses them all ...
-    moved = run_lab("smoke", tmp_path / "lab2", model=str(tiny_sd_dir), progress=lambda *_: None,
-                    cells_dir=out / "cells")
-    assert moved["cells_reused"] == 36 and not (tmp_path / "lab2" / "cells").exists()
+    moved = run(tmp_path / "lab2", progress=lambda *_: None, cells_dir=out / "cells")
+    assert moved["cells_reused"] == 8 and not (tmp_path / "lab2" / "cells").exists()
     # ... but an inference cell still to make needs the plain arm's model: gone, so that plain cell is remade
     import shutil
 
     shutil.rmtree(json.loads((out / "cells" / "train__plain__s0.json").read_text())["final"])
     (out / "cells" / "infer__guard__s0.json").unlink()
     made = []
-    remade = run_lab("smoke", tmp_path / "lab3", model=str(tiny_sd_dir), progress=made.append, cells_dir=out / "cells")
-    assert remade["cells_reused"] == 34 and made == ["[lab] train arm 'plain' seed 0", "[lab] inference arm 'guard' seed 0"]
+    remade = run(tmp_path / "lab3", progress=made.append, cells_dir=out / "cells")
+    assert remade["cells_reused"] == 6 and made == ["[lab] train arm 'plain' seed 0", "[lab] inference arm 'guard' seed 0"]
 
 
 def test_verdict_judges_copy_rate_top1_and_alignment_each_beyond_the_seed_spread():

@@ -1,4 +1,5 @@
-"""End-to-end runs of the real recipes on the committed base (minutes each): CI's second step, `pytest -m slow`."""
+"""README command 1 end to end on the committed base (10 minutes): CI's second step, `pytest -m slow`. The plain
+recipe's memorization check is a benchmark (benchmarks/tiny_recipes.py), keeping this step short."""
 
 import json
 import subprocess
@@ -28,13 +29,3 @@ def test_readme_main_job(tmp_path):
     s = json.loads((run / "summary.json").read_text())
     assert set(s["groups"]) == {"duplicated", "unique"}
 
-
-def test_plain_fine_tune_memorizes_duplicates_more_than_unique_images(tmp_path):
-    """recipe=tiny_nomit: the one-step reconstruction probe (SSCD of x0 at t=200 to the training image) is higher
-    for the planted duplicates than for unique images — relative, not an absolute threshold."""
-    r = _launch(tmp_path, "recipe=tiny_nomit", "run.name=plain", "summary.max_prompts=8")
-    assert r.returncode == 0, r.stderr[-3000:]
-    g = json.loads((tmp_path / "plain" / "summary.json").read_text())["groups"]
-    # measured (docs/tiny-recipe.md): median 0.498 vs 0.419, share > 0.5: 0.50 vs 0.12 — assert the direction only
-    assert g["duplicated"]["probe_median"] > g["unique"]["probe_median"]
-    assert g["duplicated"]["probe_above_threshold"] > g["unique"]["probe_above_threshold"]
