@@ -77,7 +77,7 @@ def main() -> int:
         rows = [np.concatenate(list(res.images[i * a.images:(i + 1) * a.images]), 1) for i in range(len(prompts))]
         gt = [origs[k] for k in dup + uniq]
         grid = np.concatenate([np.concatenate([g, row], 1) for g, row in zip(gt, rows)], 0)
-        Image.fromarray(grid).save(Path(a.figures) / f"lab_methods_{m}.png")
+        Image.fromarray(grid).save(Path(a.figures) / f"lab_methods_{m}.jpg", "JPEG", quality=92)  # docs' size
         print(m, json.dumps(r))
     base = results.get("cfg", {}).get("wall_s")
     for m in results:

@@ -116,8 +116,10 @@ def _lab(args) -> int:
         figs = ROOT_DIR / "docs" / "figures"
         for f in ("tradeoff.png", "over_training.png"):
             shutil.copy(out / f, figs / f"lab_{f}")
-        for g in sorted((out / "grids").glob("*.png")):
-            shutil.copy(g, figs / f"lab_grid_{g.name}")
+        from PIL import Image
+
+        for g in sorted((out / "grids").glob("*.png")):  # docs keep JPEG copies (a quarter of the size)
+            Image.open(g).convert("RGB").save(figs / f"lab_grid_{g.stem}.jpg", "JPEG", quality=92)
         text = header + md.replace("`tradeoff.png`", "`docs/figures/lab_tradeoff.png`").replace(
             "`over_training.png`", "`docs/figures/lab_over_training.png`").replace("`grids/`", "`docs/figures/lab_grid_*`")
         (ROOT_DIR / "docs" / "lab-results.md").write_text(text)
