@@ -1,6 +1,7 @@
 """Repository hygiene a reader relies on: nothing we ship points at a file outside this repository."""
 
 import subprocess
+import sys
 
 from conftest import ROOT
 
@@ -17,3 +18,13 @@ def test_no_tracked_file_cites_a_file_outside_the_repository():
         text = (ROOT / f).read_text(errors="ignore")
         hits += [f"{f}: {name}" for name in EXTERNAL if name in text]
     assert not hits, hits
+
+
+def test_every_package_has_an_init_and_the_public_api_resolves():
+    pkgs = [p for p in (ROOT / "guard_train").rglob("*") if p.is_dir() and p.name != "__pycache__"
+            and any(p.glob("*.py"))]
+    assert [str(p) for p in pkgs if not (p / "__init__.py").exists()] == []
+    code = ("import sys, guard_train; assert 'torch' not in sys.modules, 'import guard_train must stay light'; "
+            "print(sorted(type(getattr(guard_train, n)).__name__ for n in guard_train.__all__))")
+    r = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, check=False)
+    assert r.returncode == 0, r.stderr[-2000:]

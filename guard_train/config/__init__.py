@@ -1,0 +1,1 @@
+"""Run configuration: the schema, recipes + `key=value` overrides, parameter ranges, path checks."""

@@ -1,0 +1,1 @@
+"""Training data: user datasets (image folder, parquet, manifest), the lab, dedup."""

@@ -1,0 +1,1 @@
+"""Evaluation: the eval command, the end-of-run summary, the lab benchmark."""

@@ -1,0 +1,1 @@
+"""Copy metrics (SSCD), alignment, memorization and detection scores."""

@@ -1,0 +1,1 @@
+"""The Accelerate training loop, its hooks, checkpoints and the training-time mitigations."""
