@@ -62,7 +62,8 @@ def main() -> int:
     ceil = np.sum(emb.embed(rec) * emb.embed(imgs), 1)
     info = json.loads((Path(resolve_model_path(a.model)) / "build_info.json").read_text())
     out = {"model": a.model, "pretraining_steps": info.get("total_steps"),
-           "pretraining_wall_s": info.get("wall_s_total"), "prompts": len(prompts), "images_per_prompt": a.images, "steps": a.steps, "guidance": a.guidance,
+           "pretraining_wall_s": info.get("wall_s_total"), "prompts": len(prompts), "images_per_prompt": a.images,
+           "steps": a.steps, "guidance": a.guidance,
            "generation_wall_s": round(wall, 1), "alignment_backend": al.name,
            "lab_alignment_own_caption": float(np.mean(own)), "lab_alignment_other_caption": float(np.mean(other)),
            "share_images_own_caption_better": float(np.mean(own > other)),

@@ -13,6 +13,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import emit  # noqa: E402
+
 from guard_train.data.dedup import cluster_labels, pairs_sscd, pairwise_precision_recall  # noqa: E402
 
 
@@ -27,7 +28,8 @@ def main() -> int:
     n_groups, k = a.n // 100, 5  # 1 % of items seed a group of 5 near-duplicates
     base = rng.standard_normal((a.n - n_groups * (k - 1), 512)).astype(np.float32)
     # near-duplicates: base + N(0, 0.6²) per dim -> cosine to the base ≈ 0.86, to each other ≈ 0.74
-    dups = np.repeat(base[:n_groups], k - 1, axis=0) + 0.6 * rng.standard_normal((n_groups * (k - 1), 512)).astype(np.float32)
+    dups = np.repeat(base[:n_groups], k - 1, axis=0) + 0.6 * rng.standard_normal(
+        (n_groups * (k - 1), 512)).astype(np.float32)
     x = np.concatenate([base, dups])
     x /= np.linalg.norm(x, axis=1, keepdims=True)
     truth = np.concatenate([np.arange(len(base)), np.repeat(np.arange(n_groups), k - 1)])

@@ -20,6 +20,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import LoraLab, emit  # noqa: E402
+
 from guard_train.config.loader import resolve_model_path  # noqa: E402
 from guard_train.data.images import to_model, to_uint8  # noqa: E402
 from guard_train.metrics.embed import get_embedder  # noqa: E402

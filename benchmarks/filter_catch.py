@@ -19,6 +19,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import emit  # noqa: E402
+
 from guard_train.data.lab import read_manifest  # noqa: E402
 from guard_train.training.sampler import EpochShardSampler  # noqa: E402
 
@@ -49,7 +50,8 @@ def main() -> int:
         dropped += [json.loads(l)["id"] for l in f.read_text().splitlines()]
     dropped = np.array(dropped, dtype=int)
     n_dup, n_uni = int(is_dup[draws].sum()), int((~is_dup[draws]).sum())
-    d_dup, d_uni = int(is_dup[dropped].sum()) if len(dropped) else 0, int((~is_dup[dropped]).sum()) if len(dropped) else 0
+    d_dup, d_uni = (int(is_dup[dropped].sum()) if len(dropped) else 0,
+                    int((~is_dup[dropped]).sum()) if len(dropped) else 0)
     out = {"run": str(run), "filter": a.filter, "steps": t["max_steps"], "warmup_micro_steps": warm,
            "draws_after_warmup": {"duplicated": n_dup, "unique": n_uni},
            "dropped": {"duplicated": d_dup, "unique": d_uni},

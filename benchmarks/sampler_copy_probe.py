@@ -20,6 +20,7 @@ import numpy as np
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import LoraLab, emit  # noqa: E402
+
 from guard_train.config.loader import resolve_model_path  # noqa: E402
 from guard_train.guidance.engine import GuidanceEngine  # noqa: E402
 from guard_train.metrics.embed import get_embedder  # noqa: E402
@@ -54,13 +55,16 @@ def main() -> int:
                                num_images=a.images, steps=steps, seed=0)
             sims = emb.embed(res.images) @ e_train.T
             top1, nn = sims.max(1), np.array(keys)[sims.argmax(1)]
-            row = {"ddim_steps": steps, "guidance_scale": scale, "timestep_spacing": eng.scheduler.config.timestep_spacing,
+            row = {"ddim_steps": steps, "guidance_scale": scale,
+                   "timestep_spacing": eng.scheduler.config.timestep_spacing,
                    "first_timestep": int(eng.scheduler.timesteps[0])}
             for name, s in (("duplicated", is_dup), ("unique", ~is_dup)):
                 row[name] = {"copy_rate_0.5": round(float((top1[s] > 0.5).mean()), 3),
                              "own_copy_rate_0.5": round(float(((top1[s] > 0.5) & (nn[s] == owner[s])).mean()), 3),
-                             # a copy of one of the planted duplicates (for unique captions: regurgitating another image)
-                             "copy_of_duplicate_rate_0.5": round(float(((top1[s] > 0.5) & np.isin(nn[s], dup)).mean()), 3),
+                             # a copy of one of the planted duplicates
+                             # (for unique captions: regurgitating another image)
+                             "copy_of_duplicate_rate_0.5": round(
+                                 float(((top1[s] > 0.5) & np.isin(nn[s], dup)).mean()), 3),
                              "top1_median": round(float(np.median(top1[s])), 3),
                              "top1_max": round(float(top1[s].max()), 3)}
             rows.append(row)

@@ -19,6 +19,7 @@ import torch
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import LoraLab, emit  # noqa: E402
+
 from guard_train.config.loader import resolve_model_path  # noqa: E402
 from guard_train.metrics.embed import get_embedder  # noqa: E402
 from guard_train.models.loading import load_lora, load_pipeline  # noqa: E402
@@ -57,7 +58,8 @@ def main() -> int:
                   guidance_scale=a.guidance, generator=torch.Generator().manual_seed(0), output_type="np").images
         sim = (emb.embed((out * 255).round().astype(np.uint8)) * e0).sum(1)
         rows.append({"strength": s, "start_t": int(s * 1000), **{g: {
-            "own_sscd_median": round(float(np.median(sim[m])), 3), "copy_rate_0.5": round(float((sim[m] > 0.5).mean()), 3)}
+            "own_sscd_median": round(float(np.median(sim[m])), 3),
+            "copy_rate_0.5": round(float((sim[m] > 0.5).mean()), 3)}
             for g, m in (("duplicated", is_dup), ("unique", ~is_dup))}})
         print(rows[-1], flush=True)
     return emit({"model": a.model, "lora": a.lora, "copy_metric": emb.name, "steps": a.steps,

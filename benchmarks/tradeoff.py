@@ -28,7 +28,6 @@ from pathlib import Path
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-import numpy as np  # noqa: E402
 import torch  # noqa: E402
 
 from guard_train.data.lab import build_lab, read_lab_config, write_imagefolder  # noqa: E402

@@ -19,6 +19,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import emit  # noqa: E402
+
 from guard_train.config.loader import load_config  # noqa: E402
 from guard_train.training.loop import Trainer  # noqa: E402
 

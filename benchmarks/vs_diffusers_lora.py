@@ -45,7 +45,8 @@ def aekl_variant(base: Path, out: Path) -> Path:
     shutil.copytree(base, out, ignore=shutil.ignore_patterns("vae", "build_info.json"))
     AutoencoderKL(in_channels=3, out_channels=3, latent_channels=16, block_out_channels=(32, 32, 32),
                   down_block_types=("DownEncoderBlock2D",) * 3, up_block_types=("UpDecoderBlock2D",) * 3,
-                  layers_per_block=1, norm_num_groups=16, sample_size=64, scaling_factor=1.0).save_pretrained(out / "vae")
+                  layers_per_block=1, norm_num_groups=16, sample_size=64,
+                  scaling_factor=1.0).save_pretrained(out / "vae")
     idx = json.loads((out / "model_index.json").read_text())
     idx["vae"] = ["diffusers", "AutoencoderKL"]
     (out / "model_index.json").write_text(json.dumps(idx, indent=2))
@@ -84,7 +85,8 @@ def main() -> int:
 
     def theirs(n: int) -> list[str]:
         shim = [] if a.no_shim else [str(ROOT / "benchmarks" / "_shims" / "run_example.py")]
-        return [*launch, *shim, str(script), "--pretrained_model_name_or_path", str(model), "--train_data_dir", str(data),
+        return [*launch, *shim, str(script), "--pretrained_model_name_or_path", str(model),
+                "--train_data_dir", str(data),
                 "--caption_column", "text", "--image_column", "image", "--resolution", "64", "--center_crop",
                 "--train_batch_size", "16", "--max_train_steps", str(n), "--learning_rate", "1e-4", "--rank", "4",
                 "--lr_scheduler", "constant", "--lr_warmup_steps", "0", "--seed", "0", "--checkpointing_steps",
@@ -114,7 +116,8 @@ def main() -> int:
         "torchvision": "installed" if a.no_shim else "PIL stand-in (benchmarks/_shims/run_example.py)",
         "s_per_step": {k: round(v, 4) for k, v in per_step.items()},
         "startup_s": {k: round(v, 1) for k, v in startup.items()},
-        "ratio_s_per_step_guard_train_over_diffusers": round(per_step["guard_train"] / per_step["diffusers_example"], 3),
+        "ratio_s_per_step_guard_train_over_diffusers": round(
+            per_step["guard_train"] / per_step["diffusers_example"], 3),
         "walls_s": {f"{k}_{n}": round(v, 1) for (k, n), v in walls.items()},
     }, a.out)
 

@@ -109,7 +109,8 @@ def _lab(args) -> int:
     cmd = "guard-train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     md = (out / "lab-results.md").read_text()
     header = (f"# Lab benchmark results\n\nCommand: `{cmd}`. Wall time: {res['wall_s_cells'] / 60:.1f} min summed "
-              f"over the {res['cells_total']} (arm, seed) cells; this invocation {res['wall_s_this_invocation'] / 60:.1f}"
+              f"over the {res['cells_total']} (arm, seed) cells; "
+              f"this invocation {res['wall_s_this_invocation'] / 60:.1f}"
               f" min ({res['cells_reused']} cells reused from an earlier invocation of the same settings).\n\n")
     (out / "lab-results.md").write_text(header + md)
     if args.docs:
@@ -121,7 +122,8 @@ def _lab(args) -> int:
         for g in sorted((out / "grids").glob("*.png")):  # docs keep JPEG copies (a quarter of the size)
             Image.open(g).convert("RGB").save(figs / f"lab_grid_{g.stem}.jpg", "JPEG", quality=92)
         text = header + md.replace("`tradeoff.png`", "`docs/figures/lab_tradeoff.png`").replace(
-            "`over_training.png`", "`docs/figures/lab_over_training.png`").replace("`grids/`", "`docs/figures/lab_grid_*`")
+            "`over_training.png`", "`docs/figures/lab_over_training.png`").replace(
+            "`grids/`", "`docs/figures/lab_grid_*`")
         (ROOT_DIR / "docs" / "lab-results.md").write_text(text)
         readme = ROOT_DIR / "README.md"
         try:
@@ -258,8 +260,9 @@ def main(argv: list[str] | None = None) -> int:
                                                       "models/tiny-sd-memorized-lora, smoke: plain)")
     lb.add_argument("--infer-guidance", type=arg_type(float, POSITIVE), default=None,
                     help="every inference method's guidance_scale (default: each method's own, 7.5)")
-    lb.add_argument("--docs", action="store_true", help="also write docs/lab-results.md, docs/figures/lab_*.png and "
-                                                         "README's headline table; cells in docs/measurements/lab_cells")
+    lb.add_argument("--docs", action="store_true",
+                    help="also write docs/lab-results.md, docs/figures/lab_*.png and "
+                         "README's headline table; cells in docs/measurements/lab_cells")
     lb.add_argument("--cells", default="", help="where finished (arm, seed) cells are kept and reused (default: "
                                                 "OUT/cells, or docs/measurements/lab_cells with --docs)")
     stp = sub.add_parser("status", help="what happened to a training run; exit 0 done, 75 preempted (requeue), "
@@ -295,8 +298,8 @@ def main(argv: list[str] | None = None) -> int:
 
         import numpy as np
 
-        from guard_train.data.lab import LabConfig, build_lab
         from guard_train.config.paths import PathError, check_out_dir
+        from guard_train.data.lab import LabConfig, build_lab
         from guard_train.metrics.alignment import evaluate, train_scorer
 
         try:
@@ -370,7 +373,8 @@ def main(argv: list[str] | None = None) -> int:
         mark_ours(Path(args.out))
         path = write_imagefolder(lab_obj, args.out) if args.format == "imagefolder" else write_parquet(
             lab_obj, f"{args.out}/train.parquet")
-        print(f"wrote {len(lab_obj.items)} items ({sum(i.is_dup for i in lab_obj.items)} from duplicated instances) to {path}")
+        print(f"wrote {len(lab_obj.items)} items ({sum(i.is_dup for i in lab_obj.items)} "
+              f"from duplicated instances) to {path}")
         return 0
     return 1
 
@@ -389,15 +393,13 @@ def _sampler_flags(p) -> None:
 def _generate_cmd(args) -> int:
     import json
 
-    from guard_train.guidance.schedulers import check_sampler
-    from pathlib import Path
-
     from PIL import Image
 
     from guard_train.config.loader import ConfigError, check_model_arg
     from guard_train.config.paths import PathError, check_lora_input, check_out_dir, mark_ours
     from guard_train.guidance.base import ParamError
     from guard_train.guidance.engine import GuidanceEngine
+    from guard_train.guidance.schedulers import check_sampler
     from guard_train.guidance.strategies import get_strategy
     from guard_train.models.loading import ModelLoadError
 
@@ -455,7 +457,6 @@ def _write_atomic(path: Path, text: str) -> None:
 def _detect_cmd(args) -> int:
     import csv
     import json
-    from pathlib import Path
 
     import numpy as np
 
@@ -500,7 +501,6 @@ def _detect_cmd(args) -> int:
 def _dedup_cmd(args) -> int:
     import json
     import time
-    from pathlib import Path
 
     from guard_train.config.paths import PathError, check_out_dir, mark_ours
     from guard_train.data.dedup import load_images_for_dedup, pairwise_precision_recall, run_dedup

@@ -5,8 +5,7 @@ import torch
 from diffusers import UNet2DConditionModel
 from diffusers.models.attention_processor import AttnProcessor2_0
 
-from guard_train.attention.processor import (SpikeEdit, cross_attention_layers, install,
-                                             spike_mask, token_entropy)
+from guard_train.attention.processor import SpikeEdit, cross_attention_layers, install, spike_mask, token_entropy
 
 SD1_LIKE = dict(block_out_channels=(32, 64), attention_head_dim=8, cross_attention_dim=32, norm_num_groups=8,
                 down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),

@@ -17,9 +17,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import PY, ROOT
 from PIL import Image
 
-from conftest import PY, ROOT
 from guard_train.config.loader import load_config
 
 MODEL = str(ROOT / "models" / "tiny-sd")
@@ -101,8 +101,8 @@ CASES = [
     Case("generate-out-is-a-file", "cli", [*GEN, "--out", "{w}/file.txt"], "file.txt"),
     Case("generate-out-user-folder", "cli", [*GEN, "--out", "{w}/mine"], "mine"),
     # guard-train detect
-    Case("detect-prompts-binary", "cli", ["detect", "--model", MODEL, "--prompts", "{w}/binary.bin", "--out", "{w}/out"],
-         "binary.bin"),
+    Case("detect-prompts-binary", "cli",
+         ["detect", "--model", MODEL, "--prompts", "{w}/binary.bin", "--out", "{w}/out"], "binary.bin"),
     Case("detect-prompts-missing", "cli", ["detect", "--model", MODEL, "--prompts", "{w}/nope.jsonl", "--out",
                                            "{w}/out"], "nope.jsonl"),
     Case("detect-prompts-no-label", "cli", [*DET, "--prompts", "{w}/prompts.txt", "--out", "{w}/out"], "prompts.txt"),
@@ -296,7 +296,8 @@ def test_subprocess_exit_codes(workspace: Path, tmp_path):
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "run.name" in r.stderr and "Traceback" not in r.stderr, r.stderr[-2000:]
     assert (user / "mine.txt").read_text() == "keep me"
-    r = subprocess.run([PY, "-m", "guard_train.cli", *GEN, "--param", "guidance_scale=nan", "--out", str(tmp_path / "g")],
+    r = subprocess.run([PY, "-m", "guard_train.cli", *GEN, "--param", "guidance_scale=nan",
+                        "--out", str(tmp_path / "g")],
                        cwd=ROOT, capture_output=True, text=True, timeout=300)
     assert r.returncode == 2 and "guidance_scale" in r.stderr and not (tmp_path / "g").exists(), r.stderr[-2000:]
     assert "kernels" not in r.stderr and "Traceback" not in r.stderr

@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 import torch
+from conftest import read_metrics, small_lab_args
 from safetensors.torch import save_file
 
-from conftest import read_metrics, small_lab_args
 from guard_train.config.loader import ConfigError, load_config
 from guard_train.training import checkpoint as ckpt
 

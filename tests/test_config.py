@@ -1,8 +1,8 @@
 import subprocess
 
 import pytest
-
 from conftest import PY, ROOT
+
 from guard_train.config.loader import ConfigError, all_keys, load_config
 
 
@@ -34,10 +34,12 @@ def test_defaults_and_overrides():
         (["mitigation.dup_sampling.threshold=-1"], "mitigation.dup_sampling.threshold must be >= 0"),
         (["train.v_weight_cap=0.5"], "train.v_weight_cap must be 0 (off) or >= 1"),
         (["train.v_weight_cap=100", "train.snr_gamma=5"], "set train.v_weight_cap or train.snr_gamma, not both"),
-        (["train.timestep_bias_strategy=late"], "train.timestep_bias_strategy must be one of none, later, earlier, range"),
+        (["train.timestep_bias_strategy=late"],
+         "train.timestep_bias_strategy must be one of none, later, earlier, range"),
         (["train.timestep_bias_multiplier=0"], "train.timestep_bias_multiplier must be > 0"),
         (["train.timestep_bias_portion=1.5"], "train.timestep_bias_portion must be in (0, 1]"),
-        (["train.timestep_bias_begin=900", "train.timestep_bias_end=100"], "must be >= 0 and < train.timestep_bias_end"),
+        (["train.timestep_bias_begin=900", "train.timestep_bias_end=100"],
+         "must be >= 0 and < train.timestep_bias_end"),
         (["train.mode=full", "train.init_lora=models/tiny-sd-memorized-lora"], "train.init_lora needs train.mode=lora"),
         (["train.mode=lora", "train.init_lora=/no/lora"], "train.init_lora: /no/lora does not exist"),
         (["model.path=/no/such/dir"], "model.path '/no/such/dir' does not exist"),

@@ -64,7 +64,7 @@ def test_torchscript_backend_loads_and_preprocesses(tmp_path):
 
 def test_clip_score_local_model_and_clear_error(tmp_path):
     import torch
-    from transformers import CLIPConfig, CLIPModel, CLIPProcessor, CLIPImageProcessor
+    from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
     from guard_train.metrics.clip_score import CLIPScoreError, CLIPScorer
     from guard_train.models.tiny_sd import clip_tokenizer

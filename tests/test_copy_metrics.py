@@ -2,8 +2,15 @@ import numpy as np
 import pytest
 import torch
 
-from guard_train.metrics.copy import (dataset_similarity, diversity, localized_similarity, masked_images,
-                                      per_prompt_similarity, top_k, train_background)
+from guard_train.metrics.copy import (
+    dataset_similarity,
+    diversity,
+    localized_similarity,
+    masked_images,
+    per_prompt_similarity,
+    top_k,
+    train_background,
+)
 
 
 def _unit(v):

@@ -52,6 +52,7 @@ def test_detect_end_to_end_on_tiny_model(tiny_sd_dir):
     assert set(scores) == set(SCORES) and all(v.shape == (2,) and np.isfinite(v).all() for v in scores.values())
     assert per_prompt_s > 0
     plain = eng.generate(["a red circle on a cat photo"], num_images=2, steps=12)
-    rec = eng.generate(["a red circle on a cat photo"], num_images=2, steps=12, record=("attention", "diff", "end_maps"))
+    rec = eng.generate(["a red circle on a cat photo"], num_images=2, steps=12,
+                       record=("attention", "diff", "end_maps"))
     assert np.abs(plain.images.astype(int) - rec.images.astype(int)).max() <= 1  # recording changes nothing
     assert rec.stats["mass"].shape[:2] == (12, len(eng.layers))

@@ -58,7 +58,8 @@ def test_guard_combine_hand_computed():
     vp = torch.tensor([[1.0, 0.1], [0.0, 1.0]]).view(2, 1, 1, 2)  # row 0: cos 0.995 > 0.9; row 1: cos 0
     o = orthogonalize(vp, vn, 0.9, 2.0)
     assert torch.allclose(o.view(2, 2), torch.tensor([[0.0, 0.1], [0.0, 1.0]]), atol=1e-6)
-    big = orthogonalize(torch.tensor([[5.0, 0.1]]).view(1, 1, 1, 2), torch.tensor([[1.0, 0]]).view(1, 1, 1, 2), 0.9, 2.0)
+    big = orthogonalize(torch.tensor([[5.0, 0.1]]).view(1, 1, 1, 2), torch.tensor([[1.0, 0]]).view(1, 1, 1, 2),
+                        0.9, 2.0)
     assert torch.allclose(big.view(2), torch.tensor([3.0, 0.1]))  # coefficient clipped to 2
     s = Guard()
     assert s.repulsion(0, 50) == pytest.approx(2.0) and s.repulsion(25, 50) == pytest.approx(2 * math.cos(math.pi / 4))

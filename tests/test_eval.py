@@ -3,8 +3,8 @@ import os
 import subprocess
 
 import pytest
-
 from conftest import PY, ROOT, small_lab_args
+
 from guard_train.eval.command import EvalInputError, check_gate, parse_condition
 
 
@@ -78,7 +78,8 @@ def test_eval_two_processes_equals_one(tiny_sd_dir, lab_dir, tmp_path):
     for g in a:
         for k in ("copy_rate", "top1_mean", "top1_median", "diversity"):
             assert a[g][k] == pytest.approx(b[g][k], abs=1e-4), (g, k)
-    assert (tmp_path / "one" / "per_prompt.csv").read_text() .count("\n") == (tmp_path / "two" / "per_prompt.csv").read_text().count("\n")
+    assert ((tmp_path / "one" / "per_prompt.csv").read_text().count("\n")
+            == (tmp_path / "two" / "per_prompt.csv").read_text().count("\n"))
 
 
 @pytest.mark.multiproc
@@ -112,7 +113,8 @@ def test_callback_two_processes_equals_one(tiny_sd_dir, tmp_path):
         for g in a[m]["groups"]:
             for k in ("copy_rate", "top1_mean", "top1_p95", "diversity"):
                 assert a[m]["groups"][g][k] == pytest.approx(b[m]["groups"][g][k], abs=1e-4), (m, g, k)
-    assert a["cfg"]["detection_auroc_duplicated_vs_unique"] == pytest.approx(b["cfg"]["detection_auroc_duplicated_vs_unique"], abs=1e-6)
+    assert a["cfg"]["detection_auroc_duplicated_vs_unique"] == pytest.approx(
+        b["cfg"]["detection_auroc_duplicated_vs_unique"], abs=1e-6)
 
 
 def test_lab_reference_is_every_training_row(lab_dir):

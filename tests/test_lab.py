@@ -73,7 +73,8 @@ def test_cell_split_cuts_lab_cells_into_disjoint_sub_cells():
     assert len(cells) == 160 and len(set(cells)) == 160  # more instances than cells, one sub-cell each
     assert sum(it.is_dup for it in lab.items) == 6 * 4
     # the default (cell_split=1) is the lab every committed model was trained on
-    a, b = build_lab(LabConfig(num_instances=8, held_out=2)), build_lab(LabConfig(num_instances=8, held_out=2, cell_split=1))
+    a, b = (build_lab(LabConfig(num_instances=8, held_out=2)),
+            build_lab(LabConfig(num_instances=8, held_out=2, cell_split=1)))
     assert all(np.array_equal(x, y) for x, y in zip(a.images, b.images))
 
 

@@ -6,9 +6,15 @@ from pathlib import Path
 import pytest
 
 from guard_train.data.lab import read_lab_config
-from guard_train.eval.lab_bench import (INFER_ARMS, ROOT, TRAIN_ARMS, _slug, infer_base, run_lab, verdict,
-                                        weights_fingerprint)
-
+from guard_train.eval.lab_bench import (
+    ROOT,
+    TRAIN_ARMS,
+    _slug,
+    infer_base,
+    run_lab,
+    verdict,
+    weights_fingerprint,
+)
 
 ARMS, METHODS = ["plain", "entropy+dup (default)"], ["cfg", "guard"]
 
@@ -65,7 +71,8 @@ def test_smoke_lab_runs_arms_and_reuses_finished_cells(tmp_path, tiny_sd_dir):
     (out / "cells" / "infer__guard__s0.json").unlink()
     made = []
     remade = run(tmp_path / "lab3", progress=made.append, cells_dir=out / "cells")
-    assert remade["cells_reused"] == 6 and made == ["[lab] train arm 'plain' seed 0", "[lab] inference arm 'guard' seed 0"]
+    assert remade["cells_reused"] == 6 and made == ["[lab] train arm 'plain' seed 0",
+                                                    "[lab] inference arm 'guard' seed 0"]
 
 
 def test_verdict_judges_copy_rate_top1_and_alignment_each_beyond_the_seed_spread():

@@ -82,11 +82,16 @@ def test_img2dataset_folder_and_webdataset(tmp_path, lab):
 def _broken_cases(tmp_path):
     ok = (np.random.default_rng(0).random((70, 90, 3)) * 255).astype(np.uint8)
     buf = _png(ok)
-    cmyk = io.BytesIO(); Image.fromarray(ok).convert("CMYK").save(cmyk, format="JPEG")
-    rgba = io.BytesIO(); Image.fromarray(ok).convert("RGBA").save(rgba, format="PNG")
-    gray = io.BytesIO(); Image.fromarray(ok[..., 0]).save(gray, format="PNG")
-    g16 = io.BytesIO(); Image.fromarray((ok[..., 0].astype(np.uint16) * 257)).save(g16, format="PNG")
-    bomb = io.BytesIO(); Image.new("1", (9000, 9000)).save(bomb, format="PNG")
+    cmyk = io.BytesIO()
+    Image.fromarray(ok).convert("CMYK").save(cmyk, format="JPEG")
+    rgba = io.BytesIO()
+    Image.fromarray(ok).convert("RGBA").save(rgba, format="PNG")
+    gray = io.BytesIO()
+    Image.fromarray(ok[..., 0]).save(gray, format="PNG")
+    g16 = io.BytesIO()
+    Image.fromarray((ok[..., 0].astype(np.uint16) * 257)).save(g16, format="PNG")
+    bomb = io.BytesIO()
+    Image.new("1", (9000, 9000)).save(bomb, format="PNG")
     return {
         # name: (image value, caption, should decode)
         "ok": (buf, "a caption", True),
@@ -136,7 +141,8 @@ def test_streaming_parquet_shards_and_resumes(tmp_path, lab):
     p = write_parquet(lab, tmp_path / "s" / "train.parquet")
     shards = []
     for rank in (0, 1):
-        ds = loaders.StreamingImageCaptionDataset("parquet", str(p), "image", "text", "id", TF, seed=0, rank=rank, world=2)
+        ds = loaders.StreamingImageCaptionDataset("parquet", str(p), "image", "text", "id", TF, seed=0, rank=rank,
+                                                  world=2)
         ds.set_epoch(0)
         shards.append([r["id"] for r in ds])
     assert not set(shards[0]) & set(shards[1])

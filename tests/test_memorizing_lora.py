@@ -1,14 +1,13 @@
 """The committed memorizing model — `models/tiny-sd-v-memorized-lora` on its base `models/tiny-sd-v` — really copies:
 from pure noise, its duplicated training captions come back as SSCD copies of their own training images and its unique
 ones do not; GUARD, at the same guidance, removes those copies. Copy protocol: the standard rule — top-1 SSCD over every
-training row (planted near-copies included) > 0.5; an own copy's best match among the caption's own rows > 0.5. Same prompts, seeds and sampler as
-`benchmarks/sampler_copy_probe.py` (docs/base-model.md, "What makes it copy from noise"): 8 duplicated + 8 unique
-training captions × 4 images, DDIM 25 steps (trailing, first t = 999), guidance 3, seed 0. Minutes on 2 CPU cores:
-CI's slow step."""
+training row (planted near-copies included) > 0.5; an own copy's best match among the caption's own rows > 0.5. Same
+prompts, seeds and sampler as `benchmarks/sampler_copy_probe.py` (docs/base-model.md, "What makes it copy from noise"):
+8 duplicated + 8 unique training captions × 4 images, DDIM 25 steps (trailing, first t = 999), guidance 3, seed 0.
+Minutes on 2 CPU cores: CI's slow step."""
 
 import numpy as np
 import pytest
-
 from conftest import ROOT
 
 LORA = ROOT / "models" / "tiny-sd-v-memorized-lora"
@@ -18,12 +17,10 @@ pytestmark = pytest.mark.slow
 @pytest.fixture(scope="module")
 def probe():
     from guard_train.data.lab import build_lab, read_lab_config
-    from guard_train.guidance.engine import GuidanceEngine
-    from guard_train.metrics.embed import get_embedder
-
     from guard_train.eval.evaluate import Reference
+    from guard_train.guidance.engine import GuidanceEngine
     from guard_train.metrics.copy import own_similarity
-    from guard_train.metrics.embed import SSCDOnnx
+    from guard_train.metrics.embed import SSCDOnnx, get_embedder
 
     lab = build_lab(read_lab_config(LORA))
     keys = sorted(lab.originals)

@@ -40,7 +40,8 @@ def test_quantile_calibration_per_bucket_and_masks(tmp_path):
     assert f.thr.tolist() == [np.quantile([1, 2, 3, 4, 5, 6], 0.5), np.quantile([10, 20, 30, 40, 50, 60], 0.5)]
     w = f(_ctx([10, 20, 510, 520], ids=[7, 8, 9, 10], run_dir=tmp_path))
     assert w.tolist() == [1, 0, 1, 0]  # 3.6 > 3.5 and 36 > 35 dropped
-    rows = [__import__("json").loads(l) for l in (tmp_path / "filtered/test_filter_rank0.jsonl").read_text().splitlines()]
+    rows = [__import__("json").loads(l)
+            for l in (tmp_path / "filtered/test_filter_rank0.jsonl").read_text().splitlines()]
     assert [r["id"] for r in rows] == [8, 10] and rows[0]["threshold"] == 3.5
     assert (tmp_path / "test_filter_thresholds.json").exists()
 
@@ -96,8 +97,10 @@ def _filter_inputs(tiny_sd_dir, t: torch.Tensor):
     from guard_train.models.loading import load_components
 
     c = load_components(str(tiny_sd_dir))
-    enc_fn = lambda caps: c.text_encoder(c.tokenizer(caps, padding="max_length", max_length=77,
-                                                     return_tensors="pt").input_ids)[0]
+    def enc_fn(caps):
+        return c.text_encoder(c.tokenizer(caps, padding="max_length", max_length=77,
+                                          return_tensors="pt").input_ids)[0]
+
     x = torch.randn(2, 16, 16, 16)
     with torch.no_grad():
         enc = enc_fn(["a red circle", "a blue square"])
@@ -126,18 +129,26 @@ def test_magnitude_filter_scores_in_epsilon_units_on_a_v_model(tiny_sd_dir):
 
     t = torch.tensor([50, 900])
     c, enc_fn, x, enc, pred = _filter_inputs(tiny_sd_dir, t)
-    sched = lambda kind: DDIMScheduler(**{**SD_SCHEDULER, "prediction_type": kind})
+    def sched(kind):
+        return DDIMScheduler(**{**SD_SCHEDULER, "prediction_type": kind})
+
     f = MagnitudeFilter(MagnitudeFilterConfig(enabled=True, mode="fixed", threshold=1.0))
-    ctx = lambda s: StepContext(_Acc(), 0, torch.tensor([0, 1]), ["a", "b"], t, x, enc, torch.zeros(2), c.unet,
-                                pred=pred, encode_text=enc_fn, scheduler=s)
+
+    def ctx(s):
+        return StepContext(_Acc(), 0, torch.tensor([0, 1]), ["a", "b"], t, x, enc, torch.zeros(2), c.unet,
+                           pred=pred, encode_text=enc_fn, scheduler=s)
+
     eps_score, v_score = f.score(ctx(sched("epsilon"))), f.score(ctx(sched("v_prediction")))
     assert torch.allclose(f.score(ctx(None)), eps_score)  # no scheduler = an ε-model, as before
     assert torch.allclose(v_score, eps_score * sched("v_prediction").alphas_cumprod[t].sqrt(), rtol=1e-4)
 
 
 def test_duplicate_aware_weights_and_sampler():
-    from guard_train.training.mitigations.sampling import (WeightedEpochSampler, duplicate_aware_weights,
-                                                            injection_weights)
+    from guard_train.training.mitigations.sampling import (
+        WeightedEpochSampler,
+        duplicate_aware_weights,
+        injection_weights,
+    )
 
     sizes = np.array([4, 4, 4, 4, 1, 1, 1, 1])
     w = duplicate_aware_weights(sizes, alpha=1.0)
@@ -159,9 +170,10 @@ def test_duplicate_aware_weights_and_sampler():
 
 
 def test_caption_transforms():
+    import tempfile
+
     from guard_train.models.tiny_sd import clip_tokenizer
     from guard_train.training.mitigations.captions import caption_transform, gaussian_embedding_noise
-    import tempfile
 
     tok = clip_tokenizer(tempfile.mkdtemp())
     cap = "a red circle on a cat photo"

@@ -4,8 +4,8 @@ import subprocess
 import numpy as np
 import pytest
 import torch
-
 from conftest import BASE, PY
+
 from guard_train.models.codec import PatchPCACodec
 
 

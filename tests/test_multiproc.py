@@ -4,7 +4,6 @@ import subprocess
 
 import numpy as np
 import pytest
-
 from conftest import PY, ROOT, read_metrics, small_lab_args
 
 

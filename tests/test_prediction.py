@@ -7,8 +7,7 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
-from guard_train.models.prediction import (epsilon_difference, first_epsilon_step, prediction_type, to_epsilon,
-                                           to_x0)
+from guard_train.models.prediction import epsilon_difference, first_epsilon_step, prediction_type, to_epsilon, to_x0
 from guard_train.models.tiny_sd import SD_SCHEDULER
 
 
@@ -25,7 +24,8 @@ def test_conversions_match_hand_computed_values():
     assert epsilon_difference(sched, torch.tensor([1.5]), torch.tensor([1.0]), t).item() == pytest.approx(0.4)  # a·Δv
     sched.config.prediction_type = "sample"
     assert to_epsilon(sched, torch.tensor([1.0]), x_t, t).item() == pytest.approx(2.0)  # (2 − 0.8) / 0.6
-    assert epsilon_difference(sched, torch.tensor([1.5]), torch.tensor([1.0]), t).item() == pytest.approx(-0.5 * 0.8 / 0.6)
+    assert epsilon_difference(sched, torch.tensor([1.5]), torch.tensor([1.0]), t).item() == pytest.approx(
+        -0.5 * 0.8 / 0.6)
     sched.config.prediction_type = "epsilon"
     assert to_x0(sched, torch.tensor([2.0]), x_t, t).item() == pytest.approx(1.0)  # (2 − 0.6·2) / 0.8
     out = torch.tensor([0.3])

@@ -6,8 +6,8 @@ import time
 
 import pytest
 import torch
-
 from conftest import PY, ROOT, read_metrics, small_lab_args
+
 from guard_train.config.loader import load_config
 from guard_train.training import checkpoint as ckpt
 from guard_train.training.hooks import Hooks
@@ -365,7 +365,8 @@ def test_a_lora_on_a_base_of_another_prediction_type_is_refused(tmp_path):
     from guard_train.models.loading import ModelLoadError, load_lora, load_pipeline
 
     lora = ROOT / "models" / "tiny-sd-v-memorized-lora"
-    with pytest.raises(ModelLoadError, match=r"trained on a v_prediction model .*predicts epsilon.*--model models/tiny-sd-v"):
+    with pytest.raises(ModelLoadError,
+                       match=r"trained on a v_prediction model .*predicts epsilon.*--model models/tiny-sd-v"):
         load_lora(load_pipeline(str(ROOT / "models" / "tiny-sd")), str(lora))
     load_lora(load_pipeline(str(ROOT / "models" / "tiny-sd-v")), str(lora))  # its own base: fine
     bare = tmp_path / "bare"  # a LoRA without build_info.json (any other tool's) is not checked

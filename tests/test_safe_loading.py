@@ -15,7 +15,6 @@ import functools
 from pathlib import Path
 
 import pytest
-
 from conftest import ROOT
 
 LOADERS = {"from_pretrained", "from_single_file", "load_lora_weights"}

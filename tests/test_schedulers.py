@@ -92,5 +92,6 @@ def test_sampler_flags_are_checked_before_any_work(tmp_path):
     with pytest.raises(ParamError, match="DDIM only"):
         check_sampler("euler", 0.5)
     out = tmp_path / "gen"
-    assert main(["generate", "--prompts", "a red circle", "--scheduler", "euler", "--eta", "0.5", "--out", str(out)]) == 2
+    assert main(["generate", "--prompts", "a red circle", "--scheduler", "euler", "--eta", "0.5",
+                 "--out", str(out)]) == 2
     assert not out.exists()

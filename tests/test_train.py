@@ -3,8 +3,8 @@ import json
 import numpy as np
 import pytest
 import torch
-
 from conftest import read_metrics, small_lab_args
+
 from guard_train.config.loader import load_config
 from guard_train.data.loaders import DataError
 from guard_train.training.loop import train
@@ -17,7 +17,8 @@ def test_short_run_loss_decreases(tmp_path, tiny_sd_dir):
     assert len(losses) == 40
     assert np.mean(losses[-8:]) < 0.7 * np.mean(losses[:8])
     run = tmp_path / "r"
-    assert (run / "config.yaml").exists() and (run / "final" / "unet").is_dir() and (run / "data" / "manifest.jsonl").exists()
+    assert ((run / "config.yaml").exists() and (run / "final" / "unet").is_dir()
+            and (run / "data" / "manifest.jsonl").exists())
     assert json.loads((run / "bad_items.json").read_text()) == []
 
 
@@ -131,7 +132,8 @@ def test_lora_save_and_load_lora_weights_gives_same_images(tmp_path, tiny_sd_dir
 
 
 def test_streaming_run_and_training_options(tmp_path, tiny_sd_dir):
-    """Streaming parquet + LoRA + grad accumulation + EMA + min-SNR + noise offset + AdamW8bit + checkpointing + bf16."""
+    """Streaming parquet + LoRA + grad accumulation + EMA + min-SNR + noise offset + AdamW8bit + checkpointing +
+    bf16."""
     from guard_train.data.lab import LabConfig, build_lab, write_parquet
 
     p = write_parquet(build_lab(LabConfig(num_instances=16, held_out=0)), tmp_path / "pq" / "train.parquet")
@@ -196,8 +198,8 @@ def test_default_recipe_runs_with_its_mitigations(tmp_path, tiny_sd_dir):
 
 def test_timestep_bias_weights_and_the_loop_draws_from_them(tmp_path, tiny_sd_dir):
     from guard_train.training.hooks import Hooks
-    from guard_train.training.losses import timestep_weights
     from guard_train.training.loop import Trainer
+    from guard_train.training.losses import timestep_weights
 
     w = timestep_weights("later", 8, multiplier=3.0, portion=0.25)  # top 2 of 8 timesteps ×3: 6·1 + 2·3 = 12
     assert torch.allclose(w, torch.tensor([1, 1, 1, 1, 1, 1, 3, 3]) / 12)
@@ -206,7 +208,9 @@ def test_timestep_bias_weights_and_the_loop_draws_from_them(tmp_path, tiny_sd_di
     assert torch.allclose(timestep_weights("none", 4, 9.0), torch.full((4,), 0.25))
 
     seen = []
-    record = lambda ctx: seen.append(ctx.timesteps.clone()) or torch.ones_like(ctx.per_sample_loss)
+    def record(ctx):
+        return seen.append(ctx.timesteps.clone()) or torch.ones_like(ctx.per_sample_loss)
+
     t = Trainer(load_config(small_lab_args(tmp_path, tiny_sd_dir, **{
         "run.name": "bias", "train.max_steps": 3, "train.timestep_bias_strategy": "range",
         "train.timestep_bias_begin": 990, "train.timestep_bias_end": 1000, "train.timestep_bias_multiplier": 1e7})),
@@ -236,20 +240,23 @@ def test_init_lora_starts_from_the_given_weights(tmp_path, tiny_sd_dir):
     assert all(torch.equal(got[k].float(), want[k].float()) for k in want)  # not the fresh gaussian init
     with pytest.raises(ConfigError, match="set train.lora_rank / lora_targets"):
         Trainer(load_config(small_lab_args(tmp_path, tiny_sd_dir, **{**common, "train.lora_rank": 8,
-                                                                     "run.name": "c", "train.init_lora": str(final)}))).setup()
+                                                                     "run.name": "c",
+                                                                     "train.init_lora": str(final)}))).setup()
 
 
 def test_v_weight_cap_reweights_each_samples_loss(tmp_path, tiny_sd_dir):
     """Same seed, same first batch: the reweighted run's per-sample losses are the plain ones × min(1 + 1/SNR, cap)."""
     from guard_train.training.hooks import Hooks
-    from guard_train.training.losses import v_weights
     from guard_train.training.loop import Trainer
+    from guard_train.training.losses import v_weights
 
     runs = {}
     for name, extra in (("plain", {}), ("v", {"train.v_weight_cap": 30.0})):
         seen = []
-        record = lambda ctx: seen.append((ctx.timesteps.clone(), ctx.per_sample_loss.detach().clone())) \
-            or torch.ones_like(ctx.per_sample_loss)
+        def record(ctx):
+            return seen.append((ctx.timesteps.clone(), ctx.per_sample_loss.detach().clone())) \
+                or torch.ones_like(ctx.per_sample_loss)
+
         t = Trainer(load_config(small_lab_args(tmp_path, tiny_sd_dir, **{"run.name": name, "train.max_steps": 1,
                                                                          **extra})), Hooks(loss_weighting=[record]))
         t.train()

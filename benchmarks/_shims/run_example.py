@@ -2,8 +2,9 @@
 
 For benchmarks/vs_diffusers_lora.py only. Why: on this CPU machine the only torchvision wheel available offline
 (0.28.0, a CUDA build) fails to load its operators against the CPU torch 2.13.0 ("operator torchvision::nms does
-not exist"), so the example cannot import `torchvision.transforms`. accelerate, datasets, transformers, peft and diffusers are imported
-first (they then see no torchvision, as in our own runs); only after that is `tv_transforms` registered as
+not exist"), so the example cannot import `torchvision.transforms`. accelerate, datasets, transformers, peft and
+diffusers are imported first (they then see no torchvision, as in our own runs); only after that is `tv_transforms`
+registered as
 `torchvision.transforms`, and the script runs as __main__. It implements Resize (shorter side), CenterCrop,
 RandomCrop, RandomHorizontalFlip, Lambda, ToTensor, Normalize and Compose with PIL + torch; the training step the
 benchmark times (UNet forward/backward) does not touch it.

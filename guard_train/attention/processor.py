@@ -176,7 +176,8 @@ class GuardAttnProcessor:
     def _explicit(self, attn, q, k, v, attention_mask, B):
         S = (q @ k.transpose(-1, -2)).float() * attn.scale  # (B, H, N, T)
         if attention_mask is not None:
-            S = S + attn.prepare_attention_mask(attention_mask, k.shape[2], B).view(B, attn.heads, -1, k.shape[2]).float()
+            S = S + attn.prepare_attention_mask(attention_mask, k.shape[2], B).view(
+                B, attn.heads, -1, k.shape[2]).float()
         if self.state.edits(self.name):
             S = self._edit(S)
         P = S.softmax(-1)

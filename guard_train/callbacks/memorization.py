@@ -106,7 +106,8 @@ class MemorizationCallback(Callback):
         """report.html over every evaluation so far (copy rate vs alignment; copy rate across steps/epochs)."""
         from guard_train.eval.command import report_html
 
-        rows = [{"checkpoint": h["tag"], "method": m, "metrics": r} for h in self.history for m, r in h["methods"].items()]
+        rows = [{"checkpoint": h["tag"], "method": m, "metrics": r}
+                for h in self.history for m, r in h["methods"].items()]
         backend = rows[0]["metrics"]["backend"] if rows else "?"
         (d / "report.html").write_text(report_html(rows, backend, []))
 

@@ -167,11 +167,12 @@ def validate(cfg: Config) -> None:
         check_dataclass(cfg)
     except ParamValueError as e:
         raise ConfigError(str(e)) from None
-    t, d, s = cfg.train, cfg.data, cfg.summary
+    t, d = cfg.train, cfg.data
     _check(t.max_steps > 0 or t.epochs > 0, "set train.max_steps > 0 or train.epochs > 0")
     _check(not (t.v_weight_cap and t.snr_gamma), "set train.v_weight_cap or train.snr_gamma, not both")
     _check(t.timestep_bias_begin < t.timestep_bias_end,
-           f"train.timestep_bias_begin must be >= 0 and < train.timestep_bias_end, got {t.timestep_bias_begin}, {t.timestep_bias_end}")
+           f"train.timestep_bias_begin must be >= 0 and < train.timestep_bias_end, "
+           f"got {t.timestep_bias_begin}, {t.timestep_bias_end}")
     _check(not t.init_lora or t.mode == "lora", "train.init_lora needs train.mode=lora")
     if t.init_lora:
         _check(Path(t.init_lora).exists(), f"train.init_lora: {t.init_lora} does not exist (a LoRA dir with "
@@ -196,7 +197,8 @@ def validate(cfg: Config) -> None:
                e.max_batch - 1) >= 0,
            "eval.every_n_* must be >= 0 and eval.prompts_per_group, images_per_prompt, steps, max_batch >= 1")
     _check(0.0 < e.copy_threshold < 1.0, f"eval.copy_threshold must be in (0, 1), got {e.copy_threshold}")
-    _check(0.0 <= e.copy_rate_limit <= 1.0, f"eval.copy_rate_limit must be in [0, 1] (0 = off), got {e.copy_rate_limit}")
+    _check(0.0 <= e.copy_rate_limit <= 1.0,
+           f"eval.copy_rate_limit must be in [0, 1] (0 = off), got {e.copy_rate_limit}")
     from guard_train.guidance.strategies import METHODS
 
     bad = [x for x in e.methods if x not in METHODS]

@@ -109,7 +109,8 @@ class DedupResult:
         tmp = out / "clusters.jsonl.tmp"  # renamed into place when whole: a reader never sees half a file
         with open(tmp, "w") as f:
             for i, rid in enumerate(self.ids):
-                f.write(json.dumps({"id": int(rid), "cluster": int(self.ids[self.cluster[i]]), "cluster_size": int(cs[i]),
+                f.write(json.dumps({"id": int(rid), "cluster": int(self.ids[self.cluster[i]]),
+                                    "cluster_size": int(cs[i]),
                                     "caption_group": int(self.ids[self.caption_group[i]]),
                                     "caption_group_size": int(gs[i])}) + "\n")
         os.replace(tmp, out / "clusters.jsonl")
@@ -122,7 +123,8 @@ class DedupResult:
                 "clusters": int(len(labels)), "items_in_duplicate_clusters": int(counts[counts > 1].sum()),
                 "duplicate_clusters": int((counts > 1).sum()),
                 "caption_groups_with_duplicates": int((np.unique(self.caption_group, return_counts=True)[1] > 1).sum()),
-                "largest": [{"cluster": int(self.ids[labels[k]]), "size": int(counts[k])} for k in order[:top] if counts[k] > 1]}
+                "largest": [{"cluster": int(self.ids[labels[k]]), "size": int(counts[k])}
+                            for k in order[:top] if counts[k] > 1]}
 
 
 def read_clusters(path: str | Path) -> dict[int, dict]:

@@ -333,7 +333,8 @@ def same_caption_new_instance(lab: Lab, instance: int, rng: np.random.Generator)
     on a new crop of the same photo, from another lab cell. Used to calibrate the copy metric."""
     it = next(i for i in lab.items if i.instance == instance and i.copy_kind == "original")
     shapes = tuple(Shape(k, c, 0, 0, 0) for c, k in it.attributes["shapes"])
-    others = [c for c in photos.cells("lab", lab.config.cell_split) if c.photo == it.photo and [c.y, c.x, c.size] != it.cell]
+    others = [c for c in photos.cells("lab", lab.config.cell_split)
+              if c.photo == it.photo and [c.y, c.x, c.size] != it.cell]
     cell = others[int(rng.integers(len(others)))]
     bg = photos.crop(cell, rng, scale=(0.85, 0.85), out_px=lab.config.resolution)
     scene = random_scene(rng, it.photo, lab.config.resolution)

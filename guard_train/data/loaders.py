@@ -195,7 +195,8 @@ def _hf_load(source: str, path: str):
         if isinstance(ds, datasets.DatasetDict):
             ds = ds["train"]
     elif source == "webdataset":
-        files = sorted(glob.glob(path)) if any(c in path for c in "*?[") else sorted(glob.glob(str(Path(path) / "*.tar")))
+        files = (sorted(glob.glob(path)) if any(c in path for c in "*?[")
+                 else sorted(glob.glob(str(Path(path) / "*.tar"))))
         if not files:
             raise DataError(f"no .tar shards at {path!r}")
         ds = datasets.load_dataset("webdataset", data_files=files, split="train")
@@ -233,7 +234,8 @@ def build_dataset(source: str, path: str, image_column: str, caption_column: str
     ds = _hf_dataset(source, path, image_column)
     cols = ds.column_names
     if source == "webdataset":
-        image_column = image_column if image_column in cols else next((k for k in IMAGE_KEYS if k in cols), image_column)
+        image_column = (image_column if image_column in cols
+                        else next((k for k in IMAGE_KEYS if k in cols), image_column))
         caption_column = caption_column if caption_column in cols else ("txt" if "txt" in cols else caption_column)
     for what, col in (("image", image_column), ("caption", caption_column)):
         if col not in cols:

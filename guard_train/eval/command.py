@@ -141,7 +141,8 @@ def _reference(ref: str, prompts: str, per_group: int, seed: int):
         from guard_train.config.paths import PathError, read_text_input
 
         try:
-            text = read_text_input(prompts, "--prompts", "a .txt (one prompt per line) or .jsonl ({\"prompt\": …}) file")
+            text = read_text_input(prompts, "--prompts",
+                                   "a .txt (one prompt per line) or .jsonl ({\"prompt\": …}) file")
         except PathError as e:
             raise EvalInputError(str(e)) from None
         lines = [l for l in text.splitlines() if l.strip()]
@@ -159,13 +160,12 @@ def _reference(ref: str, prompts: str, per_group: int, seed: int):
 def run_eval(a) -> int:
     from accelerate import PartialState
 
+    from guard_train.config.loader import ConfigError, check_model_arg
+    from guard_train.config.paths import PathError, check_out_dir, mark_ours
     from guard_train.eval.evaluate import generate_distributed, grid, score
     from guard_train.guidance.strategies import METHODS
     from guard_train.metrics.embed import get_embedder
     from guard_train.models.loading import ModelLoadError
-
-    from guard_train.config.loader import ConfigError, check_model_arg
-    from guard_train.config.paths import PathError, check_out_dir, mark_ours
 
     state = PartialState(cpu=True) if not __import__("torch").cuda.is_available() else PartialState()
     main = state.is_main_process
@@ -285,10 +285,12 @@ def report_html(rows: list[dict], backend: str, violations: list[str]) -> str:
            "</th><th>top-1 p95</th><th>diversity</th><th>lab alignment</th></tr>"
     body = "".join(
         f"<tr><td>{r['checkpoint']}</td><td>{r['method']}</td><td>{g}</td><td>{m['copy_rate']:.3f}</td>"
-        f"<td>{m.get('own_copy_rate', float('nan')):.3f}</td><td>{m['top1_median']:.3f}</td><td>{m['top1_p95']:.3f}</td>"
+        f"<td>{m.get('own_copy_rate', float('nan')):.3f}</td><td>{m['top1_median']:.3f}</td>"
+        f"<td>{m['top1_p95']:.3f}</td>"
         f"<td>{m['diversity']:.3f}</td><td>{m.get('lab_alignment', float('nan')):.3f}</td></tr>"
         for r in rows for g, m in r["metrics"]["groups"].items())
-    gate = "<p style='color:#b00'>Gate failed: " + "; ".join(violations) + "</p>" if violations else "<p>Gate holds.</p>"
+    gate = ("<p style='color:#b00'>Gate failed: " + "; ".join(violations) + "</p>" if violations
+            else "<p>Gate holds.</p>")
     return (f"<!doctype html><meta charset=utf-8><title>guard_train eval</title><h1>Memorization report</h1>"
             f"<p>Copy metric: {backend}. Alignment: lab attribute classifier (not CLIP).</p>{gate}"
             f"<h2>Copy rate vs alignment</h2><img src='data:image/png;base64,{scatter}'>"

@@ -444,7 +444,8 @@ def aggregate(cells: list[dict], size_name: str, size: Size, backend: str, align
 
     dev = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or 'x86_64'}, " \
         f"{os.cpu_count()} cores, torch threads {torch.get_num_threads()})"
-    return {"size": size_name, "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in size.__dict__.items()},
+    return {"size": size_name,
+            "config": {k: (list(v) if isinstance(v, tuple) else v) for k, v in size.__dict__.items()},
             "backend": backend, "alignment_backend": align_backend, "copy_threshold": 0.5,
             "versions": {"torch": torch.__version__, "diffusers": diffusers.__version__,
                          "transformers": transformers.__version__, "python": platform.python_version()},

@@ -63,9 +63,11 @@ def format_summary(res: dict) -> str:
                      f"{r.get('top1_p95', float('nan')):>9.3f} "
                      f"{r.get('nn_is_own', float('nan')):>9.2f} {r.get('lab_alignment', float('nan')):>9.2f}")
     lines.append("probe = SSCD of the one-step x0 reconstruction of each training image (noised to t) to itself;")
-    lines.append("copies = generations from the training captions whose top-1 SSCD over every training row (near-copies")
+    lines.append("copies = generations from the training captions whose top-1 SSCD over every training row "
+                 "(near-copies")
     lines.append("included) > threshold; own copies = best match among the caption's own rows > threshold.")
-    lines.append("Too few generations here to compare mitigations: `guard-train lab` measures them (docs/lab-results.md).")
+    lines.append("Too few generations here to compare mitigations: `guard-train lab` measures them "
+                 "(docs/lab-results.md).")
     if "alignment_backend" in res:
         lines.append(f"lab align = {res['alignment_backend']}, generation vs its caption, 0..1.")
     return "\n".join(lines)

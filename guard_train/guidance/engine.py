@@ -1,15 +1,15 @@
 """The denoising loop every inference method shares (GUARD and all baselines).
 
-Wraps a `StableDiffusionPipeline` (a tiny SD, an SD 1.x/2.x directory, + LoRA via `load_lora_weights`) without
-forking it: its UNet, text encoder and VAE, and a diffusers scheduler built from the directory's config (DDIM, η 0 by
-default — the papers' sampler — or any of `guidance.schedulers`; `model` keeps the directory's own). Per step the strategy names
-its branches; the engine stacks every branch's rows (all prompts × images) into as few UNet calls as `max_batch`
-allows, routes per-row attention edits through the shared cross-attention processor, hands the predictions to
-`strategy.combine`, and steps the scheduler. Per-prompt seeds (seed + prompt index) as in the papers. With method
-`cfg` it reproduces `StableDiffusionPipeline.__call__` for the same seed and settings (tests/test_engine.py).
-Recorded per step and row: ‖ε_c − ε_u‖ (Wen's magnitude, in ε units whatever the model predicts; for GUARD the
-unmodified prompt's branch), at every step where it is defined — a zero-terminal-SNR schedule's first step (ᾱ = 0,
-ε_c − ε_u ≡ 0) is not recorded, so "first step" scores read its first informative one (models/prediction.py).
+Wraps a `StableDiffusionPipeline` (a tiny SD, an SD 1.x/2.x directory, + LoRA via `load_lora_weights`) without forking
+it: its UNet, text encoder and VAE, and a diffusers scheduler built from the directory's config (DDIM, η 0 by default —
+the papers' sampler — or any of `guidance.schedulers`; `model` keeps the directory's own). Per step the strategy names
+its branches; the engine stacks every branch's rows (all prompts × images) into as few UNet calls as `max_batch` allows,
+routes per-row attention edits through the shared cross-attention processor, hands the predictions to
+`strategy.combine`, and steps the scheduler. Per-prompt seeds (seed + prompt index) as in the papers. With method `cfg`
+it reproduces `StableDiffusionPipeline.__call__` for the same seed and settings (tests/test_engine.py). Recorded per
+step and row: ‖ε_c − ε_u‖ (Wen's magnitude, in ε units whatever the model predicts; for GUARD the unmodified prompt's
+branch), at every step where it is defined — a zero-terminal-SNR schedule's first step (ᾱ = 0, ε_c − ε_u ≡ 0) is not
+recorded, so "first step" scores read its first informative one (models/prediction.py).
 """
 
 from __future__ import annotations
@@ -106,7 +106,8 @@ class GuidanceEngine:
         return emb, lengths
 
     # -- one UNet evaluation over all requested branches -----------------------------------------------------------
-    def predict(self, latents: torch.Tensor, t, branches: dict[str, Branch], strategy: Strategy) -> dict[str, torch.Tensor]:
+    def predict(self, latents: torch.Tensor, t, branches: dict[str, Branch],
+                strategy: Strategy) -> dict[str, torch.Tensor]:
         R = latents.shape[0]
         names = list(branches)
         x = self.scheduler.scale_model_input(torch.cat([latents] * len(names)), t)
@@ -128,7 +129,9 @@ class GuidanceEngine:
                 heads.append({k: (m, self.attn.head_entropy[k]) for k, m in self.attn.head_mass.items()})
         eps = torch.cat(out)
         # attention outputs of all chunks, concatenated per layer (rows in batch order)
-        cat = lambda parts: {k: torch.cat([p[k] for p in parts if k in p]) for k in (parts[0] if parts else {})}
+        def cat(parts):
+            return {k: torch.cat([p[k] for p in parts if k in p]) for k in (parts[0] if parts else {})}
+
         self.last_fired, self.last_maps, self.last_mass = cat(fired), cat(maps), cat(mass)
         self.last_heads = {k: tuple(torch.cat([p[k][j] for p in heads if k in p]) for j in (0, 1))
                            for k in (heads[0] if heads else {})}  # layer -> ((B, H, T) mass, (B, H) entropy)

@@ -114,7 +114,8 @@ def evaluate(aligner: LabAligner, images: np.ndarray, captions: list[str]) -> di
     exact = float((pred == pairs_t.numpy().astype(bool)).all(1).mean())
     own = aligner.score(images, captions)
     shuffled = aligner.score(images, captions[1:] + captions[:1])  # mismatched captions: the chance level
-    return {"photo_accuracy": photo_acc, "shape_set_exact_accuracy": exact, "alignment_own_caption": float(np.mean(own)),
+    return {"photo_accuracy": photo_acc, "shape_set_exact_accuracy": exact,
+            "alignment_own_caption": float(np.mean(own)),
             "alignment_other_caption": float(np.mean(shuffled)), "n": len(captions)}
 
 

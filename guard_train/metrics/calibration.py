@@ -30,8 +30,11 @@ def calibration_table(lab: Lab, embedder: Embedder, seed: int = 0) -> dict:
     np.fill_diagonal(tt, -np.inf)
     top2 = tt.max(1)
     diff = tt[np.triu_indices(len(keys), 1)]
-    q = lambda x: {"p5": float(np.percentile(x, 5)), "p50": float(np.median(x)), "p95": float(np.percentile(x, 95))}
-    table = {"backend": embedder.name, "n": len(keys), "near_copy": q(sim_near), "same_caption_new_instance": q(sim_new),
+    def q(x):
+        return {"p5": float(np.percentile(x, 5)), "p50": float(np.median(x)), "p95": float(np.percentile(x, 95))}
+
+    table = {"backend": embedder.name, "n": len(keys), "near_copy": q(sim_near),
+             "same_caption_new_instance": q(sim_new),
              "different_images": {**q(diff), "share_above_0.5": float((diff > 0.5).mean())},
              "train_train_top2": {**q(top2), "share_above_0.5": float((top2 > 0.5).mean())}}
     from sklearn.metrics import roc_auc_score

@@ -3,8 +3,8 @@
 * Dataset level (Somepalli et al. 2023, `diff_retrieval.py`): each generation's top-1 similarity against the whole
   training set (faiss inner-product search on L2-normalised embeddings), its mean, 75/90/95th percentiles, the
   fraction above the copy threshold, and the train–train top-2 background (each training image's nearest *other*).
-* Per prompt (GUARD's evaluation protocol, `inference_mem.py`): for each generation the max over the prompt's ground-truth images,
-  then the mean over the prompt's generations.
+* Per prompt (GUARD's evaluation protocol, `inference_mem.py`): for each generation the max over the prompt's
+  ground-truth images, then the mean over the prompt's generations.
 * Copy rate (the standard rule) = share of generations whose top-1 over *every* training image (all rows, planted
   near-copies included) exceeds the threshold, with a Wilson 95 % interval; own-copy rate = share whose best match
   among the caption's own training rows (all of its copies) exceeds it. Both in `copy_rates`.

@@ -34,7 +34,9 @@ def pad_entropy(p: torch.Tensor, L: torch.Tensor) -> torch.Tensor:
 def scores_from_stats(stats: dict, images_per_prompt: int, ren_layer: int = 3) -> dict[str, np.ndarray]:
     """Per-prompt scores from GuidanceEngine.generate(..., record=("attention", "diff", "end_maps")) stats."""
     n = images_per_prompt
-    per_prompt = lambda v: v.view(-1, n).mean(1).numpy()  # rows are prompt-major
+    def per_prompt(v):
+        return v.view(-1, n).mean(1).numpy()  # rows are prompt-major
+
     mag = stats["magnitude"]  # (R, steps)
     out = {"wen_first": per_prompt(mag[:, :1].mean(1)), "wen_first10": per_prompt(mag[:, :10].mean(1)),
            "wen_all": per_prompt(mag.mean(1))}

@@ -18,6 +18,8 @@ from typing import Optional
 import numpy as np
 import torch
 
+from guard_train.data.images import to_model as _to_tensor
+from guard_train.data.images import to_uint8 as _to_u8
 from guard_train.metrics.copy import copy_rates, own_similarity
 from guard_train.metrics.embed import Embedder
 from guard_train.models.prediction import to_x0
@@ -29,9 +31,6 @@ class Probe:
     caption: str
     image: np.ndarray  # uint8 HxWx3 training image of this caption
     key: int  # instance id
-
-
-from guard_train.data.images import to_model as _to_tensor, to_uint8 as _to_u8  # noqa: E402
 
 
 def _encode_text(pipe, captions: list[str]) -> torch.Tensor:
@@ -112,7 +111,8 @@ def _work(pipe, probes, indices, n, steps, guidance, probe_t, seed, max_gen) -> 
     x0 = one_step_probe(pipe, imgs, caps, probe_t, seed)
     rows = []
     for j, (i, p) in enumerate(zip(indices, probes)):
-        gen = generate(pipe, [p.caption], n, steps, guidance, seed, offset=i) if (max_gen is None or i < max_gen) else None
+        gen = (generate(pipe, [p.caption], n, steps, guidance, seed, offset=i)
+               if (max_gen is None or i < max_gen) else None)
         rows.append({"i": i, "x0": x0[j], "gen": gen})
     return rows
 

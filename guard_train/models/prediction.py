@@ -26,7 +26,8 @@ KINDS = ("epsilon", "v_prediction", "sample")
 
 
 def prediction_type(scheduler) -> str:
-    kind = getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon") if scheduler is not None else "epsilon"
+    kind = (getattr(getattr(scheduler, "config", None), "prediction_type", "epsilon")
+            if scheduler is not None else "epsilon")
     if kind not in KINDS:
         raise ValueError(f"scheduler prediction_type {kind!r} is not supported; expected one of {KINDS}")
     return kind

@@ -39,7 +39,6 @@ from guard_train.training.losses import diffusion_target, loss_weights, sample_t
 from guard_train.training.sampler import EpochShardSampler
 from guard_train.training.status import describe_failure, write_status
 
-
 # ---------------------------------------------------------------------------------------------------------------
 # run directory
 
@@ -162,9 +161,9 @@ class Trainer:
             raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
         # The process group comes up first (PartialState) so that rank 0 can pick the run directory and share it;
         # the Accelerator, whose trackers need that directory, is built after.
-        from accelerate import PartialState
-
         from datetime import timedelta
+
+        from accelerate import PartialState
 
         # `--cpu` launches give 1 process (see configs); the timeout bounds a collective whose peer died or hangs
         state = PartialState(cpu=not torch.cuda.is_available(), timeout=timedelta(seconds=cfg.run.collective_timeout_s))

@@ -58,7 +58,8 @@ class PretrainConfig:
     warmup: int = ranged(200, ge=0)
     ema_decay: float = ranged(0.999, gt=0, lt=1)
     snr_gamma: float = ranged(5.0, ge=0)  # min-SNR-γ; 0 = off (uniform weights)
-    v_weight_cap: float = ranged(0.0, ge=1, off=0.0)  # > 0: weight the ε-loss as a v-loss, min(1 + 1/SNR, cap) (needs snr_gamma = 0)
+    # > 0: weight the ε-loss as a v-loss, min(1 + 1/SNR, cap) (needs snr_gamma = 0)
+    v_weight_cap: float = ranged(0.0, ge=1, off=0.0)
     prediction_type: str = ""  # "" keeps the model's; "v_prediction" converts an ε base (as SD 2.0 → 2.0-v did)
     zero_terminal_snr: bool = False  # rescale the betas so t = 999 is pure noise (Lin et al. 2024); needs v
     caption_dropout: float = 0.1
@@ -70,7 +71,8 @@ class PretrainConfig:
     sample_every: int = 1000  # sample grid of EVAL_CAPTIONS every N steps and at the end; 0 = never
     time_budget_min: float = ranged(0.0, ge=0)  # stop (and export) after this many minutes; 0 = no limit
     init_from: str = ""  # continue from an exported model dir (e.g. the committed base)
-    decay_from: int = ranged(-1, ge=0, off=-1)  # >= 0: cosine-decay the lr from this step to lr * lr_min_ratio at `steps`
+    # >= 0: cosine-decay the lr from this step to lr * lr_min_ratio at `steps`
+    decay_from: int = ranged(-1, ge=0, off=-1)
     lr_min_ratio: float = ranged(0.1, ge=0, le=1)
 
 

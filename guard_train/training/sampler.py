@@ -1,10 +1,10 @@
 """The default data order: a seeded permutation per epoch, sharded disjointly across ranks.
 
-We shard ourselves instead of letting `accelerator.prepare(dataloader)` re-wrap the sampler: Accelerate shards
-*batches* of the user's sampler and synchronises its RNG only for `RandomSampler` (accelerate's `prepare_data_loader`), and
-`even_batches` silently repeats items — unwanted in a memorization study. Here every rank computes the same
-permutation from (seed, epoch) and takes the slice `perm[rank::world]`; the tail that does not fill a global batch
-is dropped, so no item is seen twice in an epoch. Resume = `start_at(k)` (skip the first k items of the shard).
+We shard ourselves instead of letting `accelerator.prepare(dataloader)` re-wrap the sampler: Accelerate shards *batches*
+of the user's sampler and synchronises its RNG only for `RandomSampler` (accelerate's `prepare_data_loader`), and
+`even_batches` silently repeats items — unwanted in a memorization study. Here every rank computes the same permutation
+from (seed, epoch) and takes the slice `perm[rank::world]`; the tail that does not fill a global batch is dropped, so no
+item is seen twice in an epoch. Resume = `start_at(k)` (skip the first k items of the shard).
 """
 
 from __future__ import annotations

@@ -58,8 +58,11 @@ class WeightedSamplerFactory:
         self.cfg = cfg
 
     def __call__(self, n, seed, rank, world, bs, dataset=None, run_dir=None, accelerator=None):
-        from guard_train.training.mitigations.sampling import (WeightedEpochSampler, duplicate_aware_weights,
-                                                                injection_weights)
+        from guard_train.training.mitigations.sampling import (
+            WeightedEpochSampler,
+            duplicate_aware_weights,
+            injection_weights,
+        )
 
         m = self.cfg.mitigation
         if m.injection.enabled:

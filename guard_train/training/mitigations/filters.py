@@ -28,11 +28,9 @@ import numpy as np
 import torch
 
 from guard_train.attention.processor import CrossAttnState, cross_attention_layers, install
+from guard_train.config.schema import EntropyFilterConfig, FilterConfig
 from guard_train.models.prediction import epsilon_difference
 from guard_train.training.hooks import StepContext
-
-
-from guard_train.config.schema import EntropyFilterConfig, FilterConfig  # noqa: E402
 
 
 class ThresholdFilter:
