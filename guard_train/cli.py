@@ -125,11 +125,11 @@ def _lab(args) -> int:
             "`over_training.png`", "`docs/figures/lab_over_training.png`").replace(
             "`grids/`", "`docs/figures/lab_grid_*`")
         (ROOT_DIR / "docs" / "lab-results.md").write_text(text)
-        readme = ROOT_DIR / "README.md"
+        results = ROOT_DIR / "docs" / "results.md"  # the headline table lives there, not in README
         try:
-            readme.write_text(replace_headline(readme.read_text(), (out / "headline.md").read_text().rstrip()))
+            results.write_text(replace_headline(results.read_text(), (out / "headline.md").read_text().rstrip()))
         except ValueError as e:
-            print(f"warning: README headline table not updated: {e}", file=sys.stderr)
+            print(f"warning: docs/results.md headline table not updated: {e}", file=sys.stderr)
     print(md)
     print(f"wrote {out}/results.json, lab-results.md, headline.md, tradeoff.png, over_training.png, grids/ "
           f"({(time.time() - t0) / 60:.1f} min)")
@@ -262,7 +262,7 @@ def main(argv: list[str] | None = None) -> int:
                     help="every inference method's guidance_scale (default: each method's own, 7.5)")
     lb.add_argument("--docs", action="store_true",
                     help="also write docs/lab-results.md, docs/figures/lab_*.png and "
-                         "README's headline table; cells in docs/measurements/lab_cells")
+                         "the headline table in docs/results.md; cells in docs/measurements/lab_cells")
     lb.add_argument("--cells", default="", help="where finished (arm, seed) cells are kept and reused (default: "
                                                 "OUT/cells, or docs/measurements/lab_cells with --docs)")
     stp = sub.add_parser("status", help="what happened to a training run; exit 0 done, 75 preempted (requeue), "

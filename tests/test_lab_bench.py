@@ -97,16 +97,16 @@ def test_verdict_judges_copy_rate_top1_and_alignment_each_beyond_the_seed_spread
                                   "alignment": "n/a"}
 
 
-def test_readme_headline_table_is_replaced_between_its_markers():
+def test_results_headline_table_is_replaced_between_its_markers():
     from guard_train.eval.lab_bench import HEADLINE_END, HEADLINE_START, replace_headline
 
     text = f"intro\n{HEADLINE_START}\nold | table\n{HEADLINE_END}\noutro\n"
     assert replace_headline(text, "| new |") == f"intro\n{HEADLINE_START}\n| new |\n{HEADLINE_END}\noutro\n"
-    with pytest.raises(ValueError, match="README needs one"):
+    with pytest.raises(ValueError, match="results page needs one"):
         replace_headline("no markers here", "| new |")
-    with pytest.raises(ValueError, match="README needs one"):
+    with pytest.raises(ValueError, match="results page needs one"):
         replace_headline(f"{HEADLINE_END}\n{HEADLINE_START}", "| new |")
-    readme = (ROOT / "README.md").read_text()  # the real README carries the markers the --docs run writes between
+    readme = (ROOT / "docs" / "results.md").read_text()  # the real page carries the markers --docs writes between
     assert readme.count(HEADLINE_START) == 1 and readme.count(HEADLINE_END) == 1
 
 

@@ -579,10 +579,10 @@ HEADLINE_START, HEADLINE_END = "<!-- lab-headline: start (written by guard-train
 
 
 def replace_headline(text: str, table: str) -> str:
-    """Put `table` between the README's headline markers; the text must hold both markers once, in order."""
+    """Put `table` between the headline markers of docs/results.md; the text must hold both markers once, in order."""
     i, j = text.find(HEADLINE_START), text.find(HEADLINE_END)
     if i < 0 or j < i or text.count(HEADLINE_START) != 1:
-        raise ValueError(f"README needs one '{HEADLINE_START}' line followed by '{HEADLINE_END}'")
+        raise ValueError(f"the results page needs one '{HEADLINE_START}' line followed by '{HEADLINE_END}'")
     return text[:i + len(HEADLINE_START)] + "\n" + table + "\n" + text[j:]
 
 
