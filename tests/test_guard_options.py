@@ -208,7 +208,7 @@ def engine(tiny_sd_dir):
 
 
 def _gen(engine, **params):
-    return engine.generate(PROMPTS, method="guard", num_images=2, steps=6, seed=2, **params)
+    return engine.generate(PROMPTS, method="guard", num_images=1, steps=4, seed=2, **params)
 
 
 @pytest.fixture(scope="module")
@@ -254,8 +254,8 @@ def test_every_option_changes_the_images(engine, default, tmp_path):
         assert np.isfinite(r.latents.numpy()).all(), name
         assert not _same(r, default), name
     # heads restricted to 2 of the edited layers' heads: fewer spikes fire than with every head
-    few = engine.generate(PROMPTS[:1], method="guard", steps=6, dynamic_heads=True, scout_steps=2, heads_global=2.0)
-    every = engine.generate(PROMPTS[:1], method="guard", steps=6)
+    few = engine.generate(PROMPTS[:1], method="guard", steps=4, dynamic_heads=True, scout_steps=2, heads_global=2.0)
+    every = engine.generate(PROMPTS[:1], method="guard", steps=4)
     assert few.records[0]["spikes_fired_mean"] < every.records[0]["spikes_fired_mean"]
 
 
