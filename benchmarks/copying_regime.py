@@ -66,7 +66,8 @@ def gather(out: Path, arms: list[str]) -> dict:
         for m in sorted(run.glob("memorization/*/metrics.json")):
             h = json.loads(m.read_text())
             evals.append({"tag": h["tag"], "step": h["step"], "wall_s_eval": h.get("wall_s"),
-                          "groups": h["methods"]["cfg"]["groups"]})
+                          "groups": h["methods"]["cfg"]["groups"],
+                          "detection_auroc": h["methods"]["cfg"].get("detection_auroc_duplicated_vs_unique")})
         log = run / "metrics.jsonl"
         last = json.loads(log.read_text().splitlines()[-1]) if log.exists() and log.read_text().strip() else {}
         res[arm] = {"evals": sorted(evals, key=lambda e: e["step"]), "last_log": last,
