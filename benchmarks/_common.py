@@ -35,7 +35,7 @@ class LoraLab:
     ones, and each instance's caption."""
 
     def __init__(self, lora: str):
-        from guard_train.data.lab import LabConfig, build_lab
+        from guard_train.lab.dataset import LabConfig, build_lab
 
         self.config = json.loads((Path(lora) / "lab_config.json").read_text())
         self.lab = build_lab(LabConfig(**self.config))

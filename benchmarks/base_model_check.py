@@ -23,10 +23,10 @@ from PIL import Image
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from guard_train.config.loader import resolve_model_path  # noqa: E402
 from guard_train.data.images import to_model, to_uint8  # noqa: E402
-from guard_train.data.lab import LabConfig, build_lab  # noqa: E402
-from guard_train.data.photos import PHOTO_NAMES  # noqa: E402
 from guard_train.guidance.engine import GuidanceEngine  # noqa: E402
-from guard_train.metrics.alignment import LabAligner, parse_caption  # noqa: E402
+from guard_train.lab.aligner import LabAligner, parse_caption  # noqa: E402
+from guard_train.lab.dataset import LabConfig, build_lab  # noqa: E402
+from guard_train.lab.photos import PHOTO_NAMES  # noqa: E402
 from guard_train.metrics.embed import get_embedder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -32,7 +32,7 @@ from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
-from guard_train.eval.lab_bench import TRAIN_ARMS, _slug  # noqa: E402
+from guard_train.lab.bench import TRAIN_ARMS, _slug  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]
 TARGETS = "[to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv1,conv2]"

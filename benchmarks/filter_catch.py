@@ -20,7 +20,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import emit  # noqa: E402
 
-from guard_train.data.lab import read_manifest  # noqa: E402
+from guard_train.lab.dataset import read_manifest  # noqa: E402
 from guard_train.training.sampler import EpochShardSampler  # noqa: E402
 
 

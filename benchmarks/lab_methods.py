@@ -28,7 +28,7 @@ from _common import LoraLab, emit  # noqa: E402
 from guard_train.config.loader import resolve_model_path  # noqa: E402
 from guard_train.guidance.engine import GuidanceEngine  # noqa: E402
 from guard_train.guidance.strategies import METHODS  # noqa: E402
-from guard_train.metrics.alignment import LabAligner  # noqa: E402
+from guard_train.lab.aligner import LabAligner  # noqa: E402
 from guard_train.metrics.embed import get_embedder  # noqa: E402
 
 ROOT = Path(__file__).resolve().parents[1]

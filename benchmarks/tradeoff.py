@@ -30,10 +30,10 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 
-from guard_train.data.lab import build_lab, read_lab_config, write_imagefolder  # noqa: E402
-from guard_train.eval.evaluate import PromptSet, generate_distributed, lab_reference_and_prompts, score  # noqa: E402
+from guard_train.eval.evaluate import PromptSet, generate_distributed, reference_and_prompts, score  # noqa: E402
 from guard_train.guidance.engine import GuidanceEngine  # noqa: E402
-from guard_train.metrics.alignment import LabAligner  # noqa: E402
+from guard_train.lab.aligner import LabAligner  # noqa: E402
+from guard_train.lab.dataset import build_lab, read_lab_config, write_imagefolder  # noqa: E402
 from guard_train.metrics.embed import get_embedder  # noqa: E402
 from guard_train.models.loading import load_lora, load_pipeline, lora_base_model, merge_lora  # noqa: E402
 
@@ -101,7 +101,7 @@ def main(argv: list[str] | None = None) -> int:
     data = Path(a.work) / "lab"
     if not (data / "manifest.jsonl").exists():
         write_imagefolder(build_lab(read_lab_config(lora)), data)
-    ref, pset = lab_reference_and_prompts(data, a.prompts_per_group, 0)
+    ref, pset = reference_and_prompts(data, a.prompts_per_group, 0)
     sets = prompt_sets(pset)
     pipe = load_pipeline(str(base if Path(base).exists() else ROOT / base))
     load_lora(pipe, str(lora))

@@ -20,7 +20,8 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
 from _common import emit  # noqa: E402
 
-from guard_train.config.loader import load_config  # noqa: E402
+from guard_train.callbacks import build_callbacks  # noqa: E402
+from guard_train.lab.config import load_config  # noqa: E402
 from guard_train.training.loop import Trainer  # noqa: E402
 
 ARMS = {
@@ -38,8 +39,9 @@ def main() -> int:
     tmp = tempfile.mkdtemp()
     trainers, its, times = {}, {}, {k: [] for k in ARMS}
     for name, extra in ARMS.items():
-        t = Trainer(load_config(["recipe=tiny", f"run.output_dir={tmp}", f"run.name={name}", "run.report_to=none",
-                                 "summary.enabled=false", *extra]))
+        cfg = load_config(["recipe=tiny", f"run.output_dir={tmp}", f"run.name={name}", "run.report_to=none",
+                           "summary.enabled=false", *extra])
+        t = Trainer(cfg, build_callbacks(cfg))
         t.setup()
         trainers[name], its[name] = t, t.batches()
     for k in range(a.steps + 10):

@@ -74,7 +74,7 @@ def main() -> int:
     if not script.is_file():
         raise SystemExit(f"error: {script} not found: clone https://github.com/huggingface/diffusers and pass "
                          f"examples/text_to_image/train_text_to_image_lora.py")
-    from guard_train.data.lab import LabConfig, build_lab, write_imagefolder
+    from guard_train.lab.dataset import LabConfig, build_lab, write_imagefolder
 
     tmp = Path(tempfile.mkdtemp(prefix="vs_diffusers_"))
     model = aekl_variant(ROOT / a.base, tmp / "model")

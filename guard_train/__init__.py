@@ -15,9 +15,9 @@ from typing import Any
 __version__ = "0.1.0"
 
 _EXPORTS = {
-    "load_config": "guard_train.config.loader",
+    "load_config": "guard_train.lab.config",
     "Trainer": "guard_train.training.loop",
-    "train": "guard_train.training.loop",
+    "train": "guard_train.callbacks",
     "GuidanceEngine": "guard_train.guidance.engine",
     "GenerationResult": "guard_train.guidance.engine",
     "get_strategy": "guard_train.guidance.strategies",

@@ -23,6 +23,12 @@ def _quiet() -> None:
     logging.getLogger("bitsandbytes.backends.cpu.ops").addFilter(_drop_kernels_warning)
 
 
+def _register_lab() -> None:
+    """The CLI is the lab's client: its committed attribute scorer becomes the default alignment scorer of
+    `eval` and the memorization callback (the core itself knows no lab)."""
+    import guard_train.lab.aligner  # noqa: F401  (registers the scorer)
+
+
 def _drop_kernels_warning(record) -> bool:
     return "kernels" not in record.getMessage()
 
@@ -36,23 +42,27 @@ def _error(e: object) -> int:
 def train_main(argv: list[str]) -> int:
     """`train.py recipe=NAME key=value …` (under `accelerate launch` or plain python)."""
     _quiet()
-    from guard_train.config.loader import ConfigError, load_config
+    from guard_train.config.loader import ConfigError
     from guard_train.data.loaders import DataError
+    from guard_train.lab.config import load_config
     from guard_train.models.loading import ModelLoadError
 
     if any(a in ("-h", "--help") for a in argv):
         from guard_train.config.loader import all_keys
+        from guard_train.lab.config import LabRunConfig
 
-        print("usage: train.py recipe=NAME [key.sub=value ...]\nkeys:\n  " + "\n  ".join(all_keys()))
+        print("usage: train.py recipe=NAME [key.sub=value ...]\nkeys:\n  " + "\n  ".join(all_keys(LabRunConfig)))
         return 0
+    from guard_train.callbacks import build_callbacks
     from guard_train.training.loop import PREEMPTED_EXIT_CODE, NonFiniteError, Preempted, Trainer
 
     trainer = None
     try:
         cfg = load_config(argv)
-        from guard_train.eval.summary import format_summary, run_summary
+        _register_lab()
+        from guard_train.lab.summary import format_summary, run_summary
 
-        trainer = Trainer(cfg)
+        trainer = Trainer(cfg, build_callbacks(cfg))
         result = trainer.train()
         summary = run_summary(trainer)
     except (ConfigError, DataError, ModelLoadError) as e:
@@ -88,7 +98,7 @@ def _lab(args) -> int:
 
     from guard_train.config.loader import resolve_model_path
     from guard_train.config.paths import PathError, check_out_dir, mark_ours
-    from guard_train.eval.lab_bench import replace_headline, run_lab
+    from guard_train.lab.bench import replace_headline, run_lab
 
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     try:  # a rerun continues in its own --out (cells/, results.json); a user's folder is refused
@@ -139,10 +149,9 @@ def _lab(args) -> int:
 def _pretrain_flag(name: str):
     """A build-base flag's argparse type: PretrainConfig's type and declared range for that field, imported only
     when the flag is given (the model stack is slow to import; `--help` should not wait for it)."""
-
     def conv(text: str):
         from guard_train.config.params import dataclass_arg_type
-        from guard_train.training.pretrain import PretrainConfig
+        from guard_train.lab.pretrain import PretrainConfig
 
         return dataclass_arg_type(PretrainConfig, name)(text)
 
@@ -270,6 +279,8 @@ def main(argv: list[str] | None = None) -> int:
     stp.add_argument("run_dir")
     me = sub.add_parser("methods", help="the inference methods and every parameter: default, range, meaning")
     me.add_argument("--markdown", action="store_true", help="as the Markdown table in docs/inference.md")
+    mi = sub.add_parser("mitigations", help="the training mitigations and every key: default, range, meaning")
+    mi.add_argument("--markdown", action="store_true", help="as the Markdown table in docs/mitigations.md")
     lab = sub.add_parser("make-lab", help="write the lab dataset (imagefolder or parquet) with its manifest")
     lab.add_argument("--out", required=True)
     lab.add_argument("--format", choices=["imagefolder", "parquet"], default="imagefolder")
@@ -282,7 +293,7 @@ def main(argv: list[str] | None = None) -> int:
     _quiet()
     if args.cmd == "build-base":
         from guard_train.config.loader import ConfigError
-        from guard_train.training.pretrain import PretrainConfig, build_base
+        from guard_train.lab.pretrain import PretrainConfig, build_base
 
         names = ("out", "work", "steps", "time_budget_min", "init_from", "seed", "decay_from", "lr_min_ratio", "lr",
                  "snr_gamma", "v_weight_cap", "prediction_type", "zero_terminal_snr")
@@ -299,8 +310,8 @@ def main(argv: list[str] | None = None) -> int:
         import numpy as np
 
         from guard_train.config.paths import PathError, check_out_dir
-        from guard_train.data.lab import LabConfig, build_lab
-        from guard_train.metrics.alignment import evaluate, train_scorer
+        from guard_train.lab.aligner import evaluate, train_scorer
+        from guard_train.lab.dataset import LabConfig, build_lab
 
         try:
             check_out_dir(args.out, own_files=("model.safetensors",))
@@ -314,6 +325,11 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.cmd == "generate":
         return _generate_cmd(args)
+    if args.cmd == "mitigations":
+        from guard_train.training.mitigations import table
+
+        print(table.markdown() if args.markdown else table.text())
+        return 0
     if args.cmd == "methods":
         from guard_train.guidance import params_doc
 
@@ -332,6 +348,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.cmd == "eval":
         from guard_train.eval.command import run_eval
 
+        _register_lab()
         rc = run_eval(args)
         import torch.distributed as dist
 
@@ -356,7 +373,7 @@ def main(argv: list[str] | None = None) -> int:
 
         from guard_train.config.params import field_range, parse, type_hints
         from guard_train.config.paths import check_out_dir, mark_ours
-        from guard_train.data.lab import LabConfig, build_lab, write_imagefolder, write_parquet
+        from guard_train.lab.dataset import LabConfig, build_lab, write_imagefolder, write_parquet
 
         kw = {}
         known, hints = {f.name: f for f in fields(LabConfig)}, type_hints(LabConfig)

@@ -21,10 +21,10 @@ def tiny_sd_dir(tmp_path_factory) -> Path:
     """A randomly initialised tiny SD (same architecture as the committed base), saved in diffusers layout."""
     from itertools import islice
 
-    from guard_train.data.lab import pretrain_stream
-    from guard_train.models.codec import PatchPCACodec
-    from guard_train.models.tiny_sd import build_tiny_sd, clip_tokenizer
-    from guard_train.training.pretrain import to_tensor
+    from guard_train.lab.codec import PatchPCACodec
+    from guard_train.lab.dataset import pretrain_stream
+    from guard_train.lab.pretrain import to_tensor
+    from guard_train.lab.tiny_sd import build_tiny_sd, clip_tokenizer
 
     d = tmp_path_factory.mktemp("tiny_sd")
     imgs = [im for im, _ in islice(pretrain_stream(5), 64)]

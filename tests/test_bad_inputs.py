@@ -20,7 +20,7 @@ import pytest
 from conftest import PY, ROOT
 from PIL import Image
 
-from guard_train.config.loader import load_config
+from guard_train.lab.config import load_config
 
 MODEL = str(ROOT / "models" / "tiny-sd")
 
@@ -269,7 +269,6 @@ def test_overwrite_replaces_only_runs_of_ours(tmp_path):
 
 
 def test_recipe_with_yaml_no_is_accepted(tmp_path):
-
     (tmp_path / "r.yaml").write_text("train:\n  mixed_precision: no\n")
     assert load_config([f"recipe={tmp_path / 'r.yaml'}"]).train.mixed_precision == "no"
 

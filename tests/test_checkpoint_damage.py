@@ -12,7 +12,8 @@ import torch
 from conftest import read_metrics, small_lab_args
 from safetensors.torch import save_file
 
-from guard_train.config.loader import ConfigError, load_config
+from guard_train.config.loader import ConfigError
+from guard_train.lab.config import load_config
 from guard_train.training import checkpoint as ckpt
 
 

@@ -3,7 +3,8 @@ import subprocess
 import pytest
 from conftest import PY, ROOT
 
-from guard_train.config.loader import ConfigError, all_keys, load_config
+from guard_train.config.loader import ConfigError, all_keys
+from guard_train.lab.config import LabRunConfig, load_config
 
 
 def test_defaults_and_overrides():
@@ -59,8 +60,20 @@ def test_bad_config_messages(args, needle):
 
 
 def test_all_keys_cover_nested_lab():
-    keys = all_keys()
+    keys = all_keys(LabRunConfig)
     assert "data.lab.dup_repeats" in keys and "train.learning_rate" in keys and "run.resume" in keys
+    core = all_keys()  # the core schema knows no lab key: a user's own data needs none
+    assert "train.learning_rate" in core and not any(k.startswith(("data.lab.", "summary.")) for k in core)
+
+
+def test_core_schema_refuses_lab_keys_with_a_pointer(tmp_path):
+    from guard_train.config.loader import load_config as core_load
+
+    with pytest.raises(ConfigError, match="lab's schema"):
+        core_load(["recipe=tiny", f"run.output_dir={tmp_path}"])
+    cfg = core_load(["recipe=lora_sd15", f"data.path={tmp_path}", "model.path=models/tiny-sd",
+                     f"run.output_dir={tmp_path}"])
+    assert type(cfg).__name__ == "Config" and cfg.data.source == "imagefolder" and not cfg.data.generated()
 
 
 def test_cli_exit_code_2_and_nothing_written(tmp_path):

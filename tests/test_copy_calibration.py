@@ -3,8 +3,8 @@
 import numpy as np
 import pytest
 
-from guard_train.data.lab import LabConfig, build_lab
-from guard_train.metrics.calibration import calibration_table
+from guard_train.lab.calibration import calibration_table
+from guard_train.lab.dataset import LabConfig, build_lab
 from guard_train.metrics.embed import TiledPixel, get_embedder
 
 
@@ -66,8 +66,8 @@ def test_clip_score_local_model_and_clear_error(tmp_path):
     import torch
     from transformers import CLIPConfig, CLIPImageProcessor, CLIPModel, CLIPProcessor
 
+    from guard_train.lab.tiny_sd import clip_tokenizer
     from guard_train.metrics.clip_score import CLIPScoreError, CLIPScorer
-    from guard_train.models.tiny_sd import clip_tokenizer
 
     with pytest.raises(CLIPScoreError, match="not a local transformers CLIPModel directory"):
         CLIPScorer(str(tmp_path / "nope"))

@@ -4,12 +4,12 @@ import numpy as np
 import pytest
 import torch
 
+from guard_train.attention.processor import end_token_mask
 from guard_train.guidance.base import ParamError
 from guard_train.guidance.engine import GuidanceEngine
 from guard_train.guidance.strategies import get_strategy
 from guard_train.guidance.strategies.guard import Guard, orthogonalize
 from guard_train.guidance.strategies.jain import JainDynamic, first_local_minimum
-from guard_train.guidance.strategies.wen import end_token_mask
 
 PROMPTS = ["a red circle on a cat photo", "a blue square and a green triangle on a coffee photo"]
 
@@ -187,7 +187,7 @@ def test_ren_mask_positions_sd2_tokenizer_pads_with_zero(engine, tmp_path):
     """SD 2.x's OpenCLIP tokenizer pads with id 0 ("!") instead of EOS: L (BOS..first EOS) must not change."""
     from transformers import CLIPTokenizer
 
-    from guard_train.models.tiny_sd import clip_bpe_files
+    from guard_train.lab.tiny_sd import clip_bpe_files
 
     d = clip_bpe_files(tmp_path)
     sd2 = CLIPTokenizer(vocab=str(d / "vocab.json"), merges=str(d / "merges.txt"), model_max_length=77, pad_token="!")

@@ -26,7 +26,7 @@ def test_gate_conditions():
 
 @pytest.fixture(scope="module")
 def lab_dir(tmp_path_factory):
-    from guard_train.data.lab import LabConfig, build_lab, write_imagefolder
+    from guard_train.lab.dataset import LabConfig, build_lab, write_imagefolder
 
     d = tmp_path_factory.mktemp("lab")
     write_imagefolder(build_lab(LabConfig(num_instances=12, dup_fraction=0.25, dup_repeats=3, held_out=2)), d)
@@ -120,12 +120,53 @@ def test_callback_two_processes_equals_one(tiny_sd_dir, tmp_path):
 def test_lab_reference_is_every_training_row(lab_dir):
     """The copy metric's reference set is every row the model trained on (planted near copies included), keyed by
     instance; each prompt's owner is its instance."""
-    from guard_train.data.lab import read_manifest
-    from guard_train.eval.evaluate import lab_reference_and_prompts
+    from guard_train.eval.evaluate import reference_and_prompts
+    from guard_train.lab.dataset import read_manifest
 
     rows = read_manifest(lab_dir)
-    ref, pset = lab_reference_and_prompts(lab_dir, per_group=2)
+    ref, pset = reference_and_prompts(lab_dir, per_group=2)
     assert len(ref.images) == len(rows) > len({r.instance for r in rows})
     assert ref.keys == [r.instance for r in rows]
     dup = next(o for o, g in zip(pset.owners, pset.groups) if g == "duplicated")
     assert len(ref.own_rows(dup)) == sum(r.instance == dup for r in rows) > 1
+
+
+def test_callback_on_user_data_with_the_core_schema(tiny_sd_dir, tmp_path):
+    """A user's imagefolder (no lab, no manifest), the core config schema, and the memorization callback with
+    eval.reference (every training image) and eval.prompts: the callback measures at the end of training."""
+    import shutil
+
+    from guard_train.callbacks import build_callbacks
+    from guard_train.config.loader import ConfigError
+    from guard_train.config.loader import load_config as core_load_config
+    from guard_train.lab.dataset import LabConfig, build_lab, write_imagefolder
+    from guard_train.training.loop import Trainer
+
+    lab = build_lab(LabConfig(num_instances=6, dup_fraction=0.0, held_out=0))
+    written = write_imagefolder(lab, tmp_path / "lab")
+    data = tmp_path / "mydata"
+    shutil.copytree(written / "train", data)  # only the images + metadata.jsonl: what a user has
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text(f"{lab.items[0].caption}\n{lab.items[1].caption}\n")
+    base = ["recipe=lora_sd15", f"model.path={tiny_sd_dir}", "data.source=imagefolder", f"data.path={data}",
+            "data.resolution=64", "train.mixed_precision=no", "train.gradient_checkpointing=false",
+            "train.batch_size=3", "train.max_steps=2", "train.lr_warmup_steps=0", "train.checkpoint_every=0",
+            f"run.output_dir={tmp_path / 'runs'}", "run.name=user", "run.report_to=none", "eval.at_end=true",
+            "eval.steps=3", "eval.images_per_prompt=2", "eval.methods=[cfg]"]
+    with pytest.raises(ConfigError, match="eval.reference"):
+        core_load_config(base)
+    with pytest.raises(ConfigError, match="eval.prompts"):
+        core_load_config([*base, f"eval.reference={data}"])
+    cfg = core_load_config([*base, f"eval.reference={data}", f"eval.prompts={prompts}"])
+    assert type(cfg).__name__ == "Config"
+    with pytest.raises(ConfigError, match="build_callbacks"):
+        Trainer(cfg)  # eval.* asks for the callback: hooks without it are refused, not silently unmeasured
+    t = Trainer(cfg, build_callbacks(cfg))
+    try:
+        t.train()
+    finally:
+        t.close()
+    m = json.loads((tmp_path / "runs" / "user" / "memorization" / "final" / "metrics.json").read_text())
+    g = m["methods"]["cfg"]["groups"]
+    assert g["all_prompts"]["n_images"] == 2 * 2 and 0.0 <= g["all_prompts"]["copy_rate"] <= 1.0
+    assert (tmp_path / "runs" / "user" / "memorization" / "prompts.jsonl").read_text().count("\n") == 2

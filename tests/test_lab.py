@@ -4,8 +4,8 @@ from itertools import islice
 import numpy as np
 import pytest
 
-from guard_train.data import photos
-from guard_train.data.lab import LabConfig, build_lab, pretrain_stream
+from guard_train.lab import photos
+from guard_train.lab.dataset import LabConfig, build_lab, pretrain_stream
 
 
 def test_deterministic_and_seed_sensitive():

@@ -5,8 +5,7 @@ from pathlib import Path
 
 import pytest
 
-from guard_train.data.lab import read_lab_config
-from guard_train.eval.lab_bench import (
+from guard_train.lab.bench import (
     ROOT,
     TRAIN_ARMS,
     _slug,
@@ -15,14 +14,15 @@ from guard_train.eval.lab_bench import (
     verdict,
     weights_fingerprint,
 )
+from guard_train.lab.dataset import read_lab_config
 
 ARMS, METHODS = ["plain", "entropy+dup (default)"], ["cfg", "guard"]
 
 
 def test_every_training_arm_is_a_valid_run_config(tmp_path, tiny_sd_dir):
     """Each arm's overrides load as a run config (the smoke run below trains only two of them)."""
-    from guard_train.config.loader import load_config
-    from guard_train.eval.lab_bench import SIZES, _overrides
+    from guard_train.lab.bench import SIZES, _overrides
+    from guard_train.lab.config import load_config
 
     for arm in TRAIN_ARMS:
         cfg = load_config(_overrides(SIZES["smoke"], arm, 0, tmp_path, str(tiny_sd_dir)))
@@ -98,7 +98,7 @@ def test_verdict_judges_copy_rate_top1_and_alignment_each_beyond_the_seed_spread
 
 
 def test_results_headline_table_is_replaced_between_its_markers():
-    from guard_train.eval.lab_bench import HEADLINE_END, HEADLINE_START, replace_headline
+    from guard_train.lab.bench import HEADLINE_END, HEADLINE_START, replace_headline
 
     text = f"intro\n{HEADLINE_START}\nold | table\n{HEADLINE_END}\noutro\n"
     assert replace_headline(text, "| new |") == f"intro\n{HEADLINE_START}\n| new |\n{HEADLINE_END}\noutro\n"
@@ -113,7 +113,7 @@ def test_results_headline_table_is_replaced_between_its_markers():
 def test_cells_are_keyed_by_the_weights_not_the_path(tmp_path, tiny_sd_dir):
     import shutil
 
-    from guard_train.eval.lab_bench import weights_fingerprint
+    from guard_train.lab.bench import weights_fingerprint
 
     copy = tmp_path / "elsewhere"
     shutil.copytree(tiny_sd_dir, copy)
@@ -173,7 +173,7 @@ def test_inference_arms_load_a_lora_on_its_own_base(tmp_path):
 
 
 def test_copy_rate_verdict_needs_separated_wilson_intervals():
-    from guard_train.eval.lab_bench import interval_effect, pooled_rates
+    from guard_train.lab.bench import interval_effect, pooled_rates
 
     p = pooled_rates({"duplicated.copies": 22, "duplicated.own_copies": 20, "duplicated.n_images": 32})
     cfg = p["duplicated.copy_rate"]

@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from guard_train.data import loaders
-from guard_train.data.lab import LabConfig, build_lab, write_imagefolder, write_parquet
+from guard_train.lab.dataset import LabConfig, build_lab, write_imagefolder, write_parquet
 
 TF = loaders.image_transform(64, center_crop=True, random_flip=False)
 

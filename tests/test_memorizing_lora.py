@@ -16,9 +16,9 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def probe():
-    from guard_train.data.lab import build_lab, read_lab_config
     from guard_train.eval.evaluate import Reference
     from guard_train.guidance.engine import GuidanceEngine
+    from guard_train.lab.dataset import build_lab, read_lab_config
     from guard_train.metrics.copy import own_similarity
     from guard_train.metrics.embed import SSCDOnnx, get_embedder
 
@@ -79,7 +79,7 @@ def test_the_resize_kernel_moves_no_verdict(counts):
     conclusion: CFG vs GUARD keeps its interval verdict, and for each method the two kernels' Wilson 95 % intervals
     overlap (the statistic's own uncertainty at n = 32, not a tolerance fitted to a run). Measured: CFG 22/32
     bilinear vs 16/32 bicubic — generated copies score near the threshold, so single counts move; verdicts do not."""
-    from guard_train.eval.lab_bench import interval_effect
+    from guard_train.lab.bench import interval_effect
     from guard_train.metrics.copy import wilson
 
     def pooled(k: int) -> dict:

@@ -4,9 +4,15 @@ import numpy as np
 import pytest
 import torch
 
-from guard_train.config.schema import EntropyFilterConfig, FilterConfig, MagnitudeFilterConfig
 from guard_train.training.hooks import StepContext
-from guard_train.training.mitigations.filters import EntropyFilter, MagnitudeFilter, ThresholdFilter
+from guard_train.training.mitigations.filters import (
+    EntropyFilter,
+    EntropyFilterConfig,
+    FilterConfig,
+    MagnitudeFilter,
+    MagnitudeFilterConfig,
+    ThresholdFilter,
+)
 
 
 class _Acc:
@@ -125,7 +131,7 @@ def test_magnitude_filter_scores_in_epsilon_units_on_a_v_model(tiny_sd_dir):
     """Same UNet outputs read as v: the score is ‖a_t·(v_c − v_u)‖ (ε units), per sample's own timestep."""
     from diffusers import DDIMScheduler
 
-    from guard_train.models.tiny_sd import SD_SCHEDULER
+    from guard_train.lab.tiny_sd import SD_SCHEDULER
 
     t = torch.tensor([50, 900])
     c, enc_fn, x, enc, pred = _filter_inputs(tiny_sd_dir, t)
@@ -172,7 +178,7 @@ def test_duplicate_aware_weights_and_sampler():
 def test_caption_transforms():
     import tempfile
 
-    from guard_train.models.tiny_sd import clip_tokenizer
+    from guard_train.lab.tiny_sd import clip_tokenizer
     from guard_train.training.mitigations.captions import caption_transform, gaussian_embedding_noise
 
     tok = clip_tokenizer(tempfile.mkdtemp())
@@ -194,7 +200,7 @@ def test_caption_transforms():
 
 def test_dedup_finds_planted_groups():
     from guard_train.data.dedup import pairwise_precision_recall, run_dedup
-    from guard_train.data.lab import LabConfig, build_lab
+    from guard_train.lab.dataset import LabConfig, build_lab
 
     lab = build_lab(LabConfig(num_instances=24, dup_fraction=0.25, dup_repeats=4, held_out=0))
     imgs = np.stack(lab.images)

@@ -6,7 +6,7 @@ import pytest
 import torch
 from conftest import BASE, PY
 
-from guard_train.models.codec import PatchPCACodec
+from guard_train.lab.codec import PatchPCACodec
 
 
 def test_codec_is_orthonormal_pca_and_roundtrips():
@@ -52,7 +52,7 @@ def test_committed_base_loads_offline_and_has_sd_layout():
 @pytest.mark.skipif(not (BASE / "model_index.json").exists(), reason="committed base missing")
 def test_plain_diffusers_from_pretrained_in_fresh_process():
     code = (
-        "import guard_train.models.codec\n"  # registers the codec's module for diffusers (docs/base-model.md)
+        "import guard_train.lab.codec\n"  # registers the codec's module for diffusers (docs/base-model.md)
         "from diffusers import StableDiffusionPipeline\n"
         f"p = StableDiffusionPipeline.from_pretrained({str(BASE)!r}, local_files_only=True)\n"
         "im = p('a red circle on a cat photo', num_inference_steps=2, output_type='np').images\n"
@@ -67,7 +67,7 @@ def test_plain_diffusers_from_pretrained_in_fresh_process():
 @pytest.mark.skipif(not (BASE / "model_index.json").exists(), reason="committed base missing")
 def test_codec_keeps_copies_detectable():
     """SSCD(reconstruction, original) on lab images: the ceiling any copy can reach through the codec."""
-    from guard_train.data.lab import LabConfig, build_lab
+    from guard_train.lab.dataset import LabConfig, build_lab
     from guard_train.metrics.embed import get_embedder
 
     codec = PatchPCACodec.from_pretrained(str(BASE / "vae"))
@@ -81,7 +81,7 @@ def test_codec_keeps_copies_detectable():
 
 
 def test_lr_tail_matches_hand_computed_values():
-    from guard_train.training.pretrain import PretrainConfig, lr_at
+    from guard_train.lab.pretrain import PretrainConfig, lr_at
 
     c = PretrainConfig(lr=1e-3, warmup=10, steps=30, decay_from=10, lr_min_ratio=0.1)
     assert lr_at(c, 0) == pytest.approx(1e-4)  # warm-up: (0 + 1) / 10
@@ -121,8 +121,8 @@ def test_v_equivalent_weights_match_hand_computed_values():
 
 
 def test_build_base_exports_a_loadable_pipeline_and_resumes_its_state(tmp_path):
+    from guard_train.lab.pretrain import PretrainConfig, build_base
     from guard_train.models.loading import load_pipeline
-    from guard_train.training.pretrain import PretrainConfig, build_base
 
     cfg = dict(out=str(tmp_path / "m"), work=str(tmp_path / "w"), batch_size=2, codec_fit_images=64, save_every=2,
                sample_every=0)
@@ -161,7 +161,7 @@ def test_diffusion_target_and_loss_weights_by_hand():
 
 def test_build_base_refuses_settings_that_cannot_work_together(tmp_path):
     from guard_train.cli import main
-    from guard_train.training.pretrain import PretrainConfig, check_config
+    from guard_train.lab.pretrain import PretrainConfig, check_config
 
     for bad, msg in [(dict(v_weight_cap=200.0), "--snr-gamma 0"),
                      (dict(v_weight_cap=200.0, snr_gamma=0, prediction_type="v_prediction"), "already carries"),
@@ -180,8 +180,8 @@ def test_build_base_refuses_settings_that_cannot_work_together(tmp_path):
 
 
 def test_build_base_converts_to_v_prediction_with_zero_terminal_snr(tmp_path):
-    from guard_train.models.tiny_sd import noise_scheduler
-    from guard_train.training.pretrain import PretrainConfig, build_base
+    from guard_train.lab.pretrain import PretrainConfig, build_base
+    from guard_train.lab.tiny_sd import noise_scheduler
 
     cfg = dict(work=str(tmp_path / "w"), batch_size=2, codec_fit_images=64, save_every=2, sample_every=0)
     build_base(PretrainConfig(out=str(tmp_path / "eps"), steps=2, **cfg))

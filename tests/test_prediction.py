@@ -7,8 +7,8 @@ import pytest
 import torch
 from diffusers import DDIMScheduler
 
+from guard_train.lab.tiny_sd import SD_SCHEDULER
 from guard_train.models.prediction import epsilon_difference, first_epsilon_step, prediction_type, to_epsilon, to_x0
-from guard_train.models.tiny_sd import SD_SCHEDULER
 
 
 def _sched(kind: str) -> DDIMScheduler:
@@ -75,7 +75,7 @@ class _Oracle(torch.nn.Module):
 def test_one_step_probe_of_a_perfect_denoiser_returns_the_image(tiny_sd_dir, kind):
     """On a v-prediction model the probe used to treat v as ε; a perfect v-denoiser must give back the image."""
     from guard_train.data.images import to_model, to_uint8
-    from guard_train.data.lab import pretrain_stream
+    from guard_train.lab.dataset import pretrain_stream
     from guard_train.metrics.memorization import one_step_probe
     from guard_train.models.loading import load_pipeline
 

@@ -8,7 +8,7 @@ import pytest
 import torch
 from conftest import PY, ROOT, read_metrics, small_lab_args
 
-from guard_train.config.loader import load_config
+from guard_train.lab.config import load_config
 from guard_train.training import checkpoint as ckpt
 from guard_train.training.hooks import Hooks
 from guard_train.training.loop import NonFiniteError, Trainer, train

@@ -5,8 +5,8 @@ import pytest
 import torch
 from conftest import read_metrics, small_lab_args
 
-from guard_train.config.loader import load_config
 from guard_train.data.loaders import DataError
+from guard_train.lab.config import load_config
 from guard_train.training.loop import train
 
 
@@ -48,7 +48,7 @@ def test_a_run_over_partly_broken_data_finishes_and_counts_lists_the_bad_items(t
     is listed with its reason in the run dir and its count is in the logged metrics."""
     from PIL import Image
 
-    from guard_train.data.lab import LabConfig, build_lab, write_imagefolder
+    from guard_train.lab.dataset import LabConfig, build_lab, write_imagefolder
 
     root = write_imagefolder(build_lab(LabConfig(num_instances=16, held_out=0, dup_fraction=0.25, dup_repeats=4)),
                              tmp_path / "data")
@@ -134,7 +134,7 @@ def test_lora_save_and_load_lora_weights_gives_same_images(tmp_path, tiny_sd_dir
 def test_streaming_run_and_training_options(tmp_path, tiny_sd_dir):
     """Streaming parquet + LoRA + grad accumulation + EMA + min-SNR + noise offset + AdamW8bit + checkpointing +
     bf16."""
-    from guard_train.data.lab import LabConfig, build_lab, write_parquet
+    from guard_train.lab.dataset import LabConfig, build_lab, write_parquet
 
     p = write_parquet(build_lab(LabConfig(num_instances=16, held_out=0)), tmp_path / "pq" / "train.parquet")
     res = train(load_config(small_lab_args(tmp_path, tiny_sd_dir, **{
@@ -170,7 +170,7 @@ def test_loss_weighting_hook_drops_samples(tmp_path, tiny_sd_dir):
 
 def test_default_recipe_runs_with_its_mitigations(tmp_path, tiny_sd_dir):
     """recipe=tiny: entropy filter + duplicate-aware sampling (dedup at start), resumable exactly."""
-    from guard_train.config.loader import load_config
+    from guard_train.lab.config import load_config
     from guard_train.training.loop import train
 
     extra = {"recipe": "tiny", "train.max_steps": 10, "train.checkpoint_every": 5,
@@ -187,7 +187,7 @@ def test_default_recipe_runs_with_its_mitigations(tmp_path, tiny_sd_dir):
     import json
 
     from guard_train.data.dedup import pairwise_precision_recall
-    from guard_train.data.lab import read_manifest
+    from guard_train.lab.dataset import read_manifest
 
     rows = [json.loads(l) for l in (run / "dedup" / "clusters.jsonl").read_text().splitlines()]
     truth = {it.id: it.instance for it in read_manifest(run / "data")}

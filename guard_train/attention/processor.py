@@ -251,3 +251,14 @@ def install(unet, layers: Iterable[str | int] | str = "all", state: Optional[Cro
 
 def uninstall(unet) -> None:
     unet.set_attn_processor(AttnProcessor2_0())
+
+
+def end_token_mask(maps: dict[str, torch.Tensor], rows: slice, lengths: torch.Tensor, latent_hw: tuple[int, int]):
+    """Bright Ending's end-token mask: the layers' head-averaged maps (B, Q, T) of the given rows at token L−1,
+    averaged over layers → (R, 1, h, w)."""
+    ms = []
+    for a in maps.values():
+        a = a[rows]
+        ms.append(a[torch.arange(a.shape[0]), :, lengths - 1])
+    m = torch.stack(ms).mean(0)
+    return m.view(-1, 1, *latent_hw)

@@ -19,22 +19,27 @@ from pathlib import Path
 import torch
 from PIL import Image
 
+from guard_train.eval.command import report_html
+from guard_train.eval.evaluate import generate_distributed, grid, load_reference, score
+from guard_train.guidance.engine import GuidanceEngine
+from guard_train.metrics.aligners import default_aligner
+from guard_train.metrics.embed import get_embedder
 from guard_train.training.hooks import Callback
 
 
 class MemorizationCallback(Callback):
+    measures_memorization = True  # what the Trainer checks for when cfg.eval asks for one
+
     def __init__(self, cfg):
         self.cfg = cfg  # EvalConfig
         self.ref = self.pset = None
         self.history: list[dict] = []
 
     def on_train_begin(self, state) -> None:
-        from guard_train.eval.evaluate import lab_reference_and_prompts
-
-        lab_root = Path(state.run_dir) / "data"
-        if not (lab_root / "manifest.jsonl").exists():
-            raise ValueError("the memorization callback needs the lab's manifest (data.source=lab) in this version")
-        self.ref, self.pset = lab_reference_and_prompts(lab_root, self.cfg.prompts_per_group, self.cfg.seed)
+        c = self.cfg  # the reference set: eval.reference, else the run's generated dataset (with its manifest)
+        ref = c.reference or str(Path(state.run_dir) / "data")
+        self.ref, self.pset = load_reference(ref, c.prompts, c.prompts_per_group, c.seed,
+                                             flags=("eval.reference", "eval.prompts"))
         if state.accelerator.is_main_process:
             d = Path(state.run_dir) / "memorization"
             d.mkdir(parents=True, exist_ok=True)
@@ -53,9 +58,6 @@ class MemorizationCallback(Callback):
             self.evaluate(state, "final")
 
     def evaluate(self, state, tag: str) -> dict:
-        from guard_train.eval.evaluate import generate_distributed, grid, score
-        from guard_train.guidance.engine import GuidanceEngine
-
         acc = state.accelerator
         pipe = state.pipeline()
         unet = pipe.unet
@@ -104,8 +106,6 @@ class MemorizationCallback(Callback):
 
     def _write_report(self, d: Path) -> None:
         """report.html over every evaluation so far (copy rate vs alignment; copy rate across steps/epochs)."""
-        from guard_train.eval.command import report_html
-
         rows = [{"checkpoint": h["tag"], "method": m, "metrics": r}
                 for h in self.history for m, r in h["methods"].items()]
         backend = rows[0]["metrics"]["backend"] if rows else "?"
@@ -139,15 +139,10 @@ class MemorizationCallback(Callback):
         return False
 
     def _embedder(self):
-        from guard_train.metrics.embed import get_embedder
-
         return get_embedder(self.cfg.backend)
 
     def _aligner(self):
-        from guard_train.eval.summary import SCORER_DIR
-        from guard_train.metrics.alignment import LabAligner
-
-        return LabAligner.load(SCORER_DIR) if (SCORER_DIR / "model.safetensors").exists() else None
+        return default_aligner()
 
     def state_dict(self) -> dict:
         return {"history": self.history}

@@ -14,6 +14,9 @@ from omegaconf.errors import ConfigKeyError, OmegaConfBaseException, ValidationE
 from guard_train.config.params import NONE_WORDS, ParamValueError, base_type, check_dataclass, type_hints
 from guard_train.config.paths import PathError, check_lora_input, check_run_name
 from guard_train.config.schema import Config
+from guard_train.guidance.strategies import METHODS
+from guard_train.training.mitigations import active as active_mitigations
+from guard_train.training.mitigations import check as check_mitigations
 
 RECIPES_DIR = Path(__file__).resolve().parents[2] / "recipes"
 ALIASES = {"resume": "run.resume", "output_dir": "run.output_dir", "overwrite": "run.overwrite"}
@@ -55,8 +58,8 @@ def _parse_overrides(args: list[str]) -> dict[str, str]:
     return out
 
 
-def _closest(key: str) -> str:
-    keys = all_keys()
+def _closest(key: str, schema: type = Config) -> str:
+    keys = all_keys(schema)
     m = difflib.get_close_matches(key, keys, n=1, cutoff=0.5) or difflib.get_close_matches(
         key.split(".")[-1], [k.split(".")[-1] for k in keys], n=1, cutoff=0.6
     )
@@ -66,9 +69,9 @@ def _closest(key: str) -> str:
     return f" Did you mean {full!r}?"
 
 
-def _schema_type(key: str):
+def _schema_type(key: str, schema: type = Config):
     """The declared type of a dotted key (None when the key is unknown: the merge reports it)."""
-    cls: object = Config
+    cls: object = schema
     for part in key.split("."):
         hints = type_hints(cls) if isinstance(cls, type) else {}
         if part not in hints:
@@ -77,22 +80,22 @@ def _schema_type(key: str):
     return cls
 
 
-def _is_str_key(key: str) -> bool:
-    return base_type(_schema_type(key))[0] is str
+def _is_str_key(key: str, schema: type) -> bool:
+    return base_type(_schema_type(key, schema))[0] is str
 
 
-def _override_layer(over: dict[str, str]) -> DictConfig:
+def _override_layer(over: dict[str, str], schema: type) -> DictConfig:
     """The command line as a config layer. A string key keeps the user's text as typed: YAML would read
     `train.mixed_precision=no` as the boolean false; an optional one reads none/null as None."""
-    layer = OmegaConf.from_dotlist([f"{k}={v}" for k, v in over.items() if not _is_str_key(k)])
+    layer = OmegaConf.from_dotlist([f"{k}={v}" for k, v in over.items() if not _is_str_key(k, schema)])
     for k, v in over.items():
-        if _is_str_key(k):
-            none = base_type(_schema_type(k))[1] and v.strip().lower() in NONE_WORDS
+        if _is_str_key(k, schema):
+            none = base_type(_schema_type(k, schema))[1] and v.strip().lower() in NONE_WORDS
             OmegaConf.update(layer, k, None if none else v, force_add=True)
     return layer
 
 
-def _load_recipe(recipe: str) -> DictConfig:
+def _load_recipe(recipe: str, schema: type) -> DictConfig:
     path = recipe_path(recipe)
     try:
         rec = OmegaConf.load(path)
@@ -103,46 +106,48 @@ def _load_recipe(recipe: str) -> DictConfig:
                           f"recipe") from None
     if rec is None or not isinstance(rec, DictConfig):
         raise ConfigError(f"recipe {str(path)!r} must be a YAML mapping of sections (model:, data:, train: …)")
-    _recipe_bools_as_strings(rec)
+    _recipe_bools_as_strings(rec, schema)
     return rec
 
 
-def _recipe_bools_as_strings(rec: DictConfig, prefix: str = "") -> None:
+def _recipe_bools_as_strings(rec: DictConfig, schema: type, prefix: str = "") -> None:
     """YAML 1.1 reads `mixed_precision: no` as false; for a string key whose allowed values include "no", that is
     what the user wrote (accelerate's spelling)."""
     for k in list(rec.keys()):
         key, v = f"{prefix}{k}", rec[k]
         if isinstance(v, DictConfig):
-            _recipe_bools_as_strings(v, key + ".")
-        elif isinstance(v, bool) and _is_str_key(key) and "no" in _choices(key):
+            _recipe_bools_as_strings(v, schema, key + ".")
+        elif isinstance(v, bool) and _is_str_key(key, schema) and "no" in _choices(key, schema):
             rec[k] = "yes" if v else "no"
 
 
-def _choices(key: str) -> tuple:
+def _choices(key: str, schema: type) -> tuple:
     section, _, name = key.rpartition(".")
-    cls = _schema_type(section) if section else Config
+    cls = _schema_type(section, schema) if section else schema
     f = next((f for f in fields(cls) if f.name == name), None) if isinstance(cls, type) else None
     rng = f.metadata.get("range") if f is not None and f.metadata else None
     return rng.choices if rng else ()
 
 
-def load_config(args: list[str]) -> Config:
-    """Compose schema defaults ← recipe file ← overrides, then validate. Pure: writes nothing."""
+def load_config(args: list[str], schema: type[Config] = Config) -> Config:
+    """Compose schema defaults ← recipe file ← overrides, then validate. Pure: writes nothing. `schema` is Config
+    or a subclass that adds sections (the lab's: guard_train/lab/config.py, which the CLI uses)."""
     over = _parse_overrides(args)
     recipe = over.pop("recipe", "tiny")
-    base = OmegaConf.structured(Config)
-    rec = _load_recipe(recipe)
+    base = OmegaConf.structured(schema)
+    rec = _load_recipe(recipe, schema)
     merged = base
-    for src, layer in (("recipe " + recipe, rec), ("command line", _override_layer(over))):
+    for src, layer in (("recipe " + recipe, rec), ("command line", _override_layer(over, schema))):
         try:
             merged = OmegaConf.merge(merged, layer)
         except ConfigKeyError as e:
             key = f"{e.full_key}" if getattr(e, "full_key", None) else str(e)
-            raise ConfigError(f"unknown config key {key!r} (from {src}).{_closest(key)}") from None
+            raise ConfigError(f"unknown config key {key!r} (from {src}).{_closest(key, schema)}{_lab_hint(key, schema)}"
+                              ) from None
         except ValidationError as e:
             raise ConfigError(
                 f"wrong type for {e.full_key!r} (from {src}): {e.msg.splitlines()[0]}. "
-                f"Expected {_type_name(e.full_key)}."
+                f"Expected {_type_name(e.full_key, schema)}."
             ) from None
     merged.recipe = Path(recipe).stem
     cfg: Config = OmegaConf.to_object(merged)  # type: ignore[assignment]
@@ -150,8 +155,14 @@ def load_config(args: list[str]) -> Config:
     return cfg
 
 
-def _type_name(key: str) -> str:
-    obj: object = Config()
+def _lab_hint(key: str, schema: type) -> str:
+    if schema is Config and key.split(".")[:2] == ["data", "lab"]:
+        return " (the lab's keys belong to the lab's schema: guard_train.lab.config.load_config, as the CLI uses)"
+    return ""
+
+
+def _type_name(key: str, schema: type) -> str:
+    obj: object = schema()
     for part in key.split("."):
         obj = getattr(obj, part, None)
     return type(obj).__name__ if obj is not None else "a value of the documented type"
@@ -184,14 +195,16 @@ def validate(cfg: Config) -> None:
     _check(t.lr_scheduler in names, f"train.lr_scheduler {t.lr_scheduler!r} is not one of {names}")
     _check(d.resolution % 8 == 0, f"data.resolution must be a multiple of 8, got {d.resolution}")
     try:
-        d.lab.validate()
+        d.validate()
     except ValueError as e:
         raise ConfigError(f"data.{e}") from None
-    m = cfg.mitigation
-    _check(not (m.dup_sampling.enabled and m.injection.enabled),
-           "mitigation.dup_sampling and mitigation.injection both set the data order: enable one")
-    _check(not (d.streaming and (m.dup_sampling.enabled or m.injection.enabled)),
-           "weighted sampling (dup_sampling / injection) needs a map-style dataset: set data.streaming=false")
+    try:
+        check_mitigations(cfg.mitigation)
+    except ValueError as e:
+        raise ConfigError(str(e)) from None
+    samplers = [m.section for m in active_mitigations(cfg.mitigation) if m.sets_sampler]
+    _check(not (d.streaming and samplers),
+           f"weighted sampling (mitigation.{', '.join(samplers)}) needs a map-style dataset: set data.streaming=false")
     e = cfg.eval
     _check(min(e.every_n_epochs, e.every_n_steps, e.prompts_per_group - 1, e.images_per_prompt - 1, e.steps - 1,
                e.max_batch - 1) >= 0,
@@ -199,23 +212,30 @@ def validate(cfg: Config) -> None:
     _check(0.0 < e.copy_threshold < 1.0, f"eval.copy_threshold must be in (0, 1), got {e.copy_threshold}")
     _check(0.0 <= e.copy_rate_limit <= 1.0,
            f"eval.copy_rate_limit must be in [0, 1] (0 = off), got {e.copy_rate_limit}")
-    from guard_train.guidance.strategies import METHODS
 
     bad = [x for x in e.methods if x not in METHODS]
     _check(not bad, f"eval.methods {bad} unknown; methods: {', '.join(METHODS)}")
-    if m.dup_sampling.clusters:
-        _check(Path(m.dup_sampling.clusters).is_file(), f"mitigation.dup_sampling.clusters "
-               f"{m.dup_sampling.clusters!r} does not exist: run `guard-train dedup` first or leave it empty")
-    if d.source != "lab":
+    if not d.generated():
         _check(bool(d.path), f"data.path is required for data.source={d.source}: point it at your dataset "
                              f"(a local directory or file; nothing is downloaded at run time)")
         _check(any(Path(p).exists() for p in _expand(d.path)),
                f"data.path {d.path!r} does not exist. Give a local copy of the dataset (e.g. LAION-10k as "
                f"parquet or an img2dataset output folder); nothing is downloaded at run time.")
     _check_model_path(cfg.model.path)
-    _check((not (e.every_n_epochs or e.every_n_steps or e.at_end)) or d.source == "lab",
-           "the memorization callback (eval.every_n_epochs / every_n_steps / at_end) needs data.source=lab in this "
-           "version; turn it off with eval.every_n_steps=0 eval.every_n_epochs=0 eval.at_end=false")
+    if e.every_n_epochs or e.every_n_steps or e.at_end:
+        _check(d.generated() or bool(e.reference),
+               "the memorization callback (eval.every_n_epochs / every_n_steps / at_end) needs its reference set: set "
+               "eval.reference to a dataset of the training images (a dir with a manifest.jsonl, or an imagefolder / "
+               "parquet plus eval.prompts), or use a generated dataset (data.source=lab); or turn it off with "
+               "eval.every_n_steps=0 eval.every_n_epochs=0 eval.at_end=false")
+        if e.reference:
+            _check(Path(e.reference).exists(), f"eval.reference {e.reference!r} does not exist (a dataset dir with a "
+                   "manifest.jsonl, or an imagefolder / parquet of the training images)")
+            _check(bool(e.prompts) or (Path(e.reference) / "manifest.jsonl").exists(),
+                   f"eval.reference {e.reference!r} has no manifest.jsonl to take prompt groups from: set eval.prompts "
+                   "(a .txt, one prompt per line, or .jsonl)")
+        _check(not e.prompts or Path(e.prompts).is_file(), f"eval.prompts {e.prompts!r} is not a file (a .txt, one "
+               "prompt per line, or .jsonl of {\"prompt\", \"group\", \"owner\"})")
     _check(cfg.run.resume in ("", "latest") or Path(cfg.run.resume).is_dir(),
            f"run.resume must be '', 'latest' or an existing checkpoint directory, got {cfg.run.resume!r}")
     _check_input(lambda: check_run_name(cfg.run.name, cfg.run.output_dir))

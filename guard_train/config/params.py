@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import math
 import typing
-from dataclasses import dataclass, field, fields, is_dataclass
+from dataclasses import MISSING, dataclass, field, fields, is_dataclass
 from typing import Any, Callable, Optional
 
 
@@ -173,3 +173,29 @@ def dataclass_arg_type(cls: type, name: str) -> Callable[[str], Any]:
     """The argparse `type=` of a dataclass field (its type and declared range): a flag that sets that field."""
     f = next(f for f in fields(cls) if f.name == name)
     return arg_type(type_hints(cls)[name], field_range(f))
+
+
+def field_rows(cls: type) -> list[tuple[str, str, str, str, str, str]]:
+    """(name, type, default, allowed, doc, the authors' default where it differs) per field of a dataclass declared
+    with `ranged`: the rows of the docs' parameter tables (methods, training mitigations)."""
+    hints = type_hints(cls)
+    out = []
+    for f in fields(cls):
+        rng = field_range(f)
+        allowed = rng.describe() if rng is not None else "a finite number" if hints[f.name] is float else ""
+        if hints[f.name] is bool:
+            allowed = "true / false"
+        elif hints[f.name] is str and not (rng and rng.choices):
+            allowed = "text"
+        elif typing.get_origin(hints[f.name]) is list:
+            allowed = "a list"
+        if f.default is not MISSING:
+            default = f.default
+        elif f.default_factory is not MISSING:
+            default = f.default_factory()
+        else:
+            default = ""
+        doc, official = field_doc(f)
+        out.append((f.name, getattr(hints[f.name], "__name__", str(hints[f.name])), str(default), allowed, doc,
+                    official))
+    return out

@@ -7,15 +7,16 @@ finite; `validate()` checks what spans several keys, and paths. Nothing is writt
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, make_dataclass
+from pathlib import Path
 from typing import Optional
 
 from guard_train.config.params import ranged
-from guard_train.data.lab import LabConfig
 from guard_train.guidance.schedulers import CHOICES as SCHEDULER_CHOICES
 from guard_train.guidance.schedulers import DEFAULT as DEFAULT_SCHEDULER
+from guard_train.training.mitigations import REGISTRY as MITIGATIONS
 
-DATA_SOURCES = ("lab", "imagefolder", "parquet", "hf_disk", "webdataset", "img2dataset")
+DATA_SOURCES = ("imagefolder", "parquet", "hf_disk", "webdataset", "img2dataset")
 
 
 @dataclass
@@ -27,9 +28,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    # lab | imagefolder | parquet | hf_disk | webdataset | img2dataset
-    source: str = ranged("lab", choices=DATA_SOURCES)
-    path: str = ""  # dataset root / file / glob (not used for source=lab)
+    # imagefolder | parquet | hf_disk | webdataset | img2dataset (a subclass may add generated sources)
+    source: str = ranged("imagefolder", choices=DATA_SOURCES)
+    path: str = ""  # dataset root / file / glob (not used for a generated source)
     image_column: str = "image"
     caption_column: str = "text"
     id_column: str = ""  # stable id column; default: row index
@@ -41,7 +42,18 @@ class DataConfig:
     streaming: bool = False
     max_samples: int = ranged(0, ge=0)  # 0 = all
     num_workers: int = ranged(0, ge=0)
-    lab: LabConfig = field(default_factory=LabConfig)
+
+    # A schema that adds a generated source (the lab, guard_train/lab/config.py) overrides these three.
+    def generated(self) -> bool:
+        """True when the dataset is made by code at the start of a run (no data.path) — `write` makes it, as an
+        imagefolder with a manifest.jsonl of every row, which the memorization callback reads."""
+        return False
+
+    def write(self, root: Path) -> Path:
+        raise NotImplementedError(f"data.source={self.source} is read from data.path, not generated")
+
+    def validate(self) -> None:
+        """Checks beyond the declared ranges; raises ValueError naming the key (without the `data.` prefix)."""
 
 
 @dataclass
@@ -88,76 +100,9 @@ class TrainConfig:
     max_consecutive_nonfinite: int = ranged(5, ge=1)
 
 
-@dataclass
-class FilterConfig:
-    enabled: bool = False
-    mode: str = ranged("quantile", choices=("quantile", "fixed"))
-    # used when mode=fixed; both scores (attention entropy, noise-prediction magnitude) are >= 0
-    threshold: float = ranged(0.0, ge=0)
-    # drop the top 1-q of scores, per timestep bucket, calibrated over the warm-up
-    quantile: float = ranged(0.95, gt=0, lt=1)
-    buckets: int = ranged(10, ge=1)  # timestep buckets for the calibrated threshold
-    warmup_steps: int = ranged(50, ge=1)  # micro-steps of calibration (nothing dropped meanwhile)
-
-
-@dataclass
-class EntropyFilterConfig(FilterConfig):
-    # the analogue of SD's down_blocks.1.attentions.1 (exec index 3, Ren et al.'s detection layer)
-    layers: list[str] = field(default_factory=lambda: ["down_blocks.1.attentions.1.transformer_blocks.0.attn2"])
-
-
-@dataclass
-class MagnitudeFilterConfig(FilterConfig):
-    buckets: int = ranged(1, ge=1)
-
-
-@dataclass
-class DupSamplingConfig:
-    enabled: bool = False
-    clusters: str = ""  # clusters.jsonl from `guard-train dedup`; "" = run dedup on the training data at start
-    alpha: float = ranged(1.0, ge=0)  # weight 1/|cluster|^alpha
-    backend: str = "sscd"  # sscd | phash | sscd-torchscript:<path>
-    threshold: float = ranged(0.0, ge=0)  # 0 = backend default (SSCD cosine 0.6, pHash 8 bits)
-    group_by: str = ranged("image", choices=("image", "caption", "both"))
-
-
-@dataclass
-class InjectionConfig:
-    """Somepalli et al.'s duplication testbed: make a memorizing model on purpose."""
-
-    enabled: bool = False
-    fraction: float = ranged(0.05, gt=0, lt=1)
-    weight: float = ranged(5.0, gt=0)
-
-
-@dataclass
-class CaptionMitigationConfig:
-    mode: str = ranged("none", choices=("none", "rc", "rt", "cwr"))  # (MC: give a list-valued caption column)
-    p: float = ranged(0.1, ge=0, le=1)
-    gn_lambda: float = ranged(0.0, ge=0)  # Gaussian noise on text embeddings (GN); 0 = off
-
-
-@dataclass
-class MitigationConfig:
-    entropy_filter: EntropyFilterConfig = field(default_factory=EntropyFilterConfig)
-    magnitude_filter: MagnitudeFilterConfig = field(default_factory=MagnitudeFilterConfig)
-    dup_sampling: DupSamplingConfig = field(default_factory=DupSamplingConfig)
-    injection: InjectionConfig = field(default_factory=InjectionConfig)
-    captions: CaptionMitigationConfig = field(default_factory=CaptionMitigationConfig)
-
-
-@dataclass
-class SummaryConfig:
-    """End-of-run memorization summary (duplicated vs unique captions)."""
-
-    enabled: bool = True
-    max_prompts: int = ranged(16, ge=1)  # per group (duplicated / unique)
-    images_per_prompt: int = ranged(2, ge=1)
-    steps: int = ranged(25, ge=1)
-    guidance_scale: float = 5.0
-    probe_timestep: int = ranged(200, ge=0, lt=1000)  # one-step x0 reconstruction probe
-    copy_threshold: float = ranged(0.5, gt=0, lt=1)
-    backend: str = ranged("sscd", choices=("sscd", "pixel"))
+# One section per registered training mitigation (guard_train/training/mitigations/: each file declares its keys).
+MitigationConfig = make_dataclass(
+    "MitigationConfig", [(name, cls, field(default_factory=cls)) for name, cls in MITIGATIONS.items()])
 
 
 @dataclass
@@ -180,6 +125,11 @@ class EvalConfig:
     backend: str = "sscd"  # sscd | sscd-torchscript:<path> | pixel
     copy_rate_limit: float = 0.0  # 0 = off; early warning when the duplicated captions' copy rate exceeds it
     stop_on_limit: bool = False
+    # The reference set: "" = the run's generated dataset (data.source=lab); else a dataset dir with a reference
+    # manifest (manifest.jsonl: prompt groups from it), or any imagefolder / parquet of the training images
+    # (every image is the reference set; then eval.prompts is required)
+    reference: str = ""
+    prompts: str = ""  # .txt (one prompt per line) or .jsonl ({"prompt", "group", "owner"}); replaces the groups
 
 
 @dataclass
@@ -203,5 +153,4 @@ class Config:
     train: TrainConfig = field(default_factory=TrainConfig)
     mitigation: MitigationConfig = field(default_factory=MitigationConfig)
     eval: EvalConfig = field(default_factory=EvalConfig)
-    summary: SummaryConfig = field(default_factory=SummaryConfig)
     run: RunConfig = field(default_factory=RunConfig)

@@ -19,6 +19,9 @@ from pathlib import Path
 
 import numpy as np
 
+from guard_train.data.loaders import DataError
+from guard_train.metrics.embed import get_embedder
+
 
 class UnionFind:
     def __init__(self, n: int):
@@ -135,7 +138,6 @@ def read_clusters(path: str | Path) -> dict[int, dict]:
 def embed_images(images: np.ndarray, backend: str) -> np.ndarray:
     if backend == "phash":
         return phash_bits(images)
-    from guard_train.metrics.embed import get_embedder
 
     return get_embedder(backend).embed(images)
 
@@ -185,7 +187,6 @@ def load_images_for_dedup(ds, size: int = 256) -> tuple[np.ndarray, np.ndarray, 
         ids.append(r["id"])
         caps.append(r["caption"])
     if not imgs:  # np.stack would fail with "need at least one array to stack"
-        from guard_train.data.loaders import DataError
 
         first = f" (item {bad[0][0]}: {bad[0][1]})" if bad else ""
         raise DataError(f"none of the {len(bad)} images could be decoded{first}; check that the files are images")

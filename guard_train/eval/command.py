@@ -26,15 +26,26 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from guard_train.config.loader import ConfigError, check_model_arg
+from guard_train.config.paths import (
+    PathError,
+    check_lora_input,
+    check_out_dir,
+    mark_ours,
+)
+from guard_train.eval.evaluate import EvalInputError, generate_distributed, grid, load_reference, score
 from guard_train.guidance.base import ParamError
+from guard_train.guidance.engine import GuidanceEngine
 from guard_train.guidance.schedulers import check_sampler
+from guard_train.guidance.strategies import METHODS
+from guard_train.metrics.aligners import default_aligner
+from guard_train.metrics.clip_score import CLIPScoreError, CLIPScorer
+from guard_train.metrics.embed import get_embedder
+from guard_train.models.loading import ModelLoadError, load_lora, load_pipeline
+from guard_train.training.checkpoint import complete_checkpoints
 
 OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
 _COND = re.compile(r"^\s*([\w.]+)\s*(>=|<=|>|<)\s*([-\d.eE+]+)\s*$")
-
-
-class EvalInputError(ValueError):
-    pass
 
 
 def parse_condition(s: str) -> tuple[str, str, float]:
@@ -61,8 +72,6 @@ def check_gate(rows: list[dict], conditions: list[tuple[str, str, float]]) -> li
 
 
 def _checkpoints(base: str, loras: list[str], run: str) -> list[tuple[str, str | None]]:
-    from guard_train.training.checkpoint import complete_checkpoints
-
     out: list[tuple[str, str | None]] = []
     if run:
         r = Path(run)
@@ -72,7 +81,6 @@ def _checkpoints(base: str, loras: list[str], run: str) -> list[tuple[str, str |
             out.append((c.name, str(c)))
         if not out:
             raise EvalInputError(f"--run {run!r} has no complete checkpoint and no final/")
-    from guard_train.config.paths import PathError, check_lora_input
 
     for l in loras:
         try:
@@ -85,9 +93,6 @@ def _checkpoints(base: str, loras: list[str], run: str) -> list[tuple[str, str |
 
 def _load_engine(base: str, ckpt: str | None, max_batch: int, scheduler: str = "ddim", eta: float = 0.0):
     """base + a LoRA dir, a full pipeline dir, or an accelerate checkpoint of either kind."""
-    from guard_train.guidance.engine import GuidanceEngine
-    from guard_train.models.loading import load_pipeline
-
     if ckpt is None:
         return GuidanceEngine(load_pipeline(base), max_batch, scheduler, eta)
     c = Path(ckpt)
@@ -95,8 +100,6 @@ def _load_engine(base: str, ckpt: str | None, max_batch: int, scheduler: str = "
         return GuidanceEngine(load_pipeline(str(c)), max_batch, scheduler, eta)
     pipe = load_pipeline(base)
     if (c / "pytorch_lora_weights.safetensors").exists():
-        from guard_train.models.loading import load_lora
-
         load_lora(pipe, str(c))
     elif (c / "model.safetensors").exists():  # accelerate checkpoint of a full fine-tune: the UNet's weights
         from safetensors.torch import load_file
@@ -111,61 +114,8 @@ def _load_engine(base: str, ckpt: str | None, max_batch: int, scheduler: str = "
     return GuidanceEngine(pipe, max_batch, scheduler, eta)
 
 
-def _reference(ref: str, prompts: str, per_group: int, seed: int):
-    from guard_train.eval.evaluate import PromptSet, Reference, lab_reference_and_prompts
-
-    r = Path(ref)
-    if not r.exists():
-        raise EvalInputError(f"--reference {ref!r} does not exist (a lab dir or a dataset of the training images)")
-    if (r / "manifest.jsonl").exists():
-        from guard_train.config.paths import PathError, read_jsonl_input
-
-        try:  # checked before the lab is read: a damaged manifest is exit 2, not a traceback inside the reader
-            read_jsonl_input(str(r / "manifest.jsonl"), "--reference", "a lab dir written by make-lab",
-                             keys=("id", "instance", "caption"))
-        except PathError as e:
-            raise EvalInputError(str(e)) from None
-        reference, pset = lab_reference_and_prompts(r, per_group, seed)
-    else:
-        from guard_train.data.dedup import load_images_for_dedup
-        from guard_train.data.loaders import DataError, build_dataset, image_transform
-
-        src = "parquet" if r.suffix == ".parquet" or list(r.glob("*.parquet")) else "imagefolder"
-        try:
-            ds = build_dataset(src, ref, "image", "text", "", image_transform(256, True, False))
-            imgs, ids, _, _ = load_images_for_dedup(ds)
-        except (DataError, OSError, ValueError) as e:
-            raise EvalInputError(f"--reference {ref!r} could not be read: {e}") from None
-        reference, pset = Reference(imgs, [int(i) for i in ids]), None
-    if prompts:
-        from guard_train.config.paths import PathError, read_text_input
-
-        try:
-            text = read_text_input(prompts, "--prompts",
-                                   "a .txt (one prompt per line) or .jsonl ({\"prompt\": …}) file")
-        except PathError as e:
-            raise EvalInputError(str(e)) from None
-        lines = [l for l in text.splitlines() if l.strip()]
-        try:
-            rows = [json.loads(l) if l.lstrip().startswith("{") else {"prompt": l.strip()} for l in lines]
-            pset = PromptSet([x["prompt"] for x in rows], [x.get("group", "all_prompts") for x in rows],
-                             [int(x.get("owner", -1)) for x in rows])
-        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
-            raise EvalInputError(f"--prompts {prompts}: {type(e).__name__}: {e}") from None
-    if pset is None:
-        raise EvalInputError("give --prompts (the reference is not a lab directory with a manifest)")
-    return reference, pset
-
-
 def run_eval(a) -> int:
     from accelerate import PartialState
-
-    from guard_train.config.loader import ConfigError, check_model_arg
-    from guard_train.config.paths import PathError, check_out_dir, mark_ours
-    from guard_train.eval.evaluate import generate_distributed, grid, score
-    from guard_train.guidance.strategies import METHODS
-    from guard_train.metrics.embed import get_embedder
-    from guard_train.models.loading import ModelLoadError
 
     state = PartialState(cpu=True) if not __import__("torch").cuda.is_available() else PartialState()
     main = state.is_main_process
@@ -188,22 +138,14 @@ def run_eval(a) -> int:
         except ParamError as e:
             raise EvalInputError(str(e)) from None
         ckpts = _checkpoints(a.model, a.lora, a.run)
-        ref, pset = _reference(a.reference, a.prompts, a.prompts_per_group, a.seed)
+        ref, pset = load_reference(a.reference, a.prompts, a.prompts_per_group, a.seed)
         try:
             embedder = get_embedder(a.backend) if main else None
         except (ValueError, OSError) as e:  # an unknown backend, a missing TorchScript file
             raise EvalInputError(f"--backend {a.backend!r}: {e}") from None
-        aligner = None
-        if main:
-            from guard_train.eval.summary import SCORER_DIR
-            from guard_train.metrics.alignment import LabAligner
-
-            if (SCORER_DIR / "model.safetensors").exists():
-                aligner = LabAligner.load(SCORER_DIR)
+        aligner = default_aligner() if main else None
         clip = None
         if main and a.clip_model:
-            from guard_train.metrics.clip_score import CLIPScoreError, CLIPScorer
-
             try:
                 clip = CLIPScorer(a.clip_model)
             except CLIPScoreError as e:

@@ -23,7 +23,12 @@ from typing import Optional
 
 import numpy as np
 
-from guard_train.metrics.copy import copy_rates, diversity, own_similarity
+from guard_train.config.paths import PathError, read_jsonl_input, read_text_input
+from guard_train.data.dedup import load_images_for_dedup
+from guard_train.data.loaders import DataError, build_dataset, image_transform
+from guard_train.data.manifest import read_reference
+from guard_train.metrics.copy import copy_rates, diversity, localized_similarity, own_similarity
+from guard_train.metrics.detection import scores_from_stats, summarize
 
 
 @dataclass
@@ -49,18 +54,14 @@ class Reference:
         return np.flatnonzero(np.asarray(self.keys) == key)
 
 
-def lab_reference_and_prompts(lab_root: Path, per_group: int, seed: int = 0) -> tuple[Reference, PromptSet]:
-    """Every training row of a lab dir (the reference set) + prompts: duplicated, unique and held-out captions
-    (≤ per_group each, chosen among the distinct instances)."""
-    from guard_train.data.lab import LabItem, read_rows
-
-    rows, images = read_rows(lab_root)
+def reference_and_prompts(root: Path, per_group: int, seed: int = 0) -> tuple[Reference, PromptSet]:
+    """Every training row of a dataset dir with a reference manifest (data/manifest.py; the lab writes one) as the
+    reference set + prompts: duplicated, unique and held-out captions (≤ per_group each, chosen among the distinct
+    instances)."""
+    rows, images, held = read_reference(root)
     ref = Reference(images, [it.instance for it in rows])
     items = [it for it in rows if it.copy_kind == "original"]
     rng = np.random.default_rng(seed)
-    held = []
-    if (lab_root / "held_out.jsonl").exists():
-        held = [LabItem(**json.loads(l)) for l in (lab_root / "held_out.jsonl").read_text().splitlines()]
     prompts, groups, owners = [], [], []
     for g, sel in (("duplicated", [i for i, it in enumerate(items) if it.is_dup]),
                    ("unique", [i for i, it in enumerate(items) if not it.is_dup])):
@@ -75,6 +76,56 @@ def lab_reference_and_prompts(lab_root: Path, per_group: int, seed: int = 0) -> 
     return ref, PromptSet(prompts, groups, owners)
 
 
+class EvalInputError(ValueError):
+    """Bad evaluation input (a reference or prompt file): exit 2 in the CLI, a ConfigError at config time."""
+
+
+def load_reference(ref: str, prompts: str, per_group: int, seed: int,
+                   flags: tuple[str, str] = ("--reference", "--prompts")) -> tuple[Reference, PromptSet]:
+    """The reference set and prompt set of an evaluation. `ref`: a dataset dir with a reference manifest (every
+    row + its duplicated / unique / held-out prompt groups; the lab writes one) or any dataset of the training images
+    (imagefolder / parquet: every image is the reference set, and `prompts` is required). `prompts`: a .txt (one
+    per line) or .jsonl ({"prompt", "group", "owner"}) file; it replaces the manifest's groups when given. Bad input
+    raises EvalInputError naming the setting (`flags`: the CLI's or the config's names), the file and the fix."""
+    ref_flag, prompts_flag = flags
+    r = Path(ref)
+    if not r.exists():
+        raise EvalInputError(f"{ref_flag} {ref!r} does not exist (a dataset dir with a manifest.jsonl, or a dataset "
+                             f"of the training images)")
+    if (r / "manifest.jsonl").exists():
+        try:  # checked before it is read: a damaged manifest is exit 2, not a traceback inside the reader
+            read_jsonl_input(str(r / "manifest.jsonl"), ref_flag,
+                             "a dataset dir with a reference manifest (make-lab writes one)",
+                             keys=("id", "instance", "caption"))
+        except PathError as e:
+            raise EvalInputError(str(e)) from None
+        reference, pset = reference_and_prompts(r, per_group, seed)
+    else:
+        src = "parquet" if r.suffix == ".parquet" or list(r.glob("*.parquet")) else "imagefolder"
+        try:
+            ds = build_dataset(src, ref, "image", "text", "", image_transform(256, True, False))
+            imgs, ids, _, _ = load_images_for_dedup(ds)
+        except (DataError, OSError, ValueError) as e:
+            raise EvalInputError(f"{ref_flag} {ref!r} could not be read: {e}") from None
+        reference, pset = Reference(imgs, [int(i) for i in ids]), None
+    if prompts:
+        try:
+            text = read_text_input(prompts, prompts_flag,
+                                   "a .txt (one prompt per line) or .jsonl ({\"prompt\": …}) file")
+        except PathError as e:
+            raise EvalInputError(str(e)) from None
+        lines = [l for l in text.splitlines() if l.strip()]
+        try:
+            rows = [json.loads(l) if l.lstrip().startswith("{") else {"prompt": l.strip()} for l in lines]
+            pset = PromptSet([x["prompt"] for x in rows], [x.get("group", "all_prompts") for x in rows],
+                             [int(x.get("owner", -1)) for x in rows])
+        except (json.JSONDecodeError, KeyError, TypeError, ValueError) as e:
+            raise EvalInputError(f"{prompts_flag} {prompts}: {type(e).__name__}: {e}") from None
+    if pset is None:
+        raise EvalInputError(f"give {prompts_flag} (the reference has no manifest.jsonl to take prompt groups from)")
+    return reference, pset
+
+
 def _local(engine, pset, mine, method, n, steps, seed, detect, **params) -> list[tuple]:
     """Generate this process's prompts; per prompt: (index, images, records, detection scores, end masks)."""
     if not mine:
@@ -84,8 +135,6 @@ def _local(engine, pset, mine, method, n, steps, seed, detect, **params) -> list
                           seeds=[seed + i for i in mine], record=record, **params)
     scores = {}
     if detect:
-        from guard_train.metrics.detection import scores_from_stats
-
         scores = scores_from_stats(res.stats, n)
     mask = res.stats.get("end_mask")
     return [(i, res.images[k * n:(k + 1) * n], res.records[k * n:(k + 1) * n],
@@ -143,8 +192,6 @@ def score(images: np.ndarray, pset: PromptSet, ref: Reference, embedder, images_
     clip_s = clip.score(images, caps) if clip is not None else None
     ls = np.full(len(images), np.nan)
     if extras and "end_mask" in extras:
-        from guard_train.metrics.copy import localized_similarity
-
         own = np.where(owner >= 0)[0]
         if len(own):
             ls[own] = localized_similarity(embedder, images[own], extras["end_mask"][own],
@@ -172,8 +219,6 @@ def score(images: np.ndarray, pset: PromptSet, ref: Reference, embedder, images_
         groups = np.array(pset.groups)
         sel = np.isin(groups, ["duplicated", "unique"])
         if (groups[sel] == "duplicated").any() and (groups[sel] == "unique").any():
-            from guard_train.metrics.detection import summarize
-
             labels = (groups[sel] == "duplicated").astype(int)
             metrics["detection_auroc_duplicated_vs_unique"] = {
                 k: summarize(v[sel], labels)["auroc"] for k, v in extras["detection"].items()}
@@ -183,7 +228,7 @@ def score(images: np.ndarray, pset: PromptSet, ref: Reference, embedder, images_
         rows.append({"prompt": p, "group": pset.groups[i], "top1_mean": float(top1[sl].mean()),
                      "copies": int((top1[sl] > threshold).sum()),
                      "own_copies": int((own_top1[sl] > threshold).sum()),
-                     "lab_alignment": float(np.nanmean(align[sl])), "diversity": float(div[i])})
+                     "lab_alignment": _nanmean(align[sl]), "diversity": float(div[i])})
     return metrics, rows
 
 

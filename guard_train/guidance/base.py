@@ -9,15 +9,12 @@ names, unparsable and out-of-range values are rejected before anything is loaded
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
-from typing import TYPE_CHECKING, Any, Optional
+from dataclasses import dataclass, field, fields
+from typing import Any, Optional
 
 import torch
 
 from guard_train.config.params import ParamValueError, check_value, field_range, parse, ranged, type_hints
-
-if TYPE_CHECKING:
-    from guard_train.guidance.engine import GenContext
 
 
 @dataclass
@@ -48,6 +45,25 @@ class Branch:
 
 class ParamError(ValueError):
     """A bad method name or hyper-parameter (exit 2 in the CLI)."""
+
+
+@dataclass
+class GenContext:
+    engine: Any  # the GuidanceEngine running this generation
+    prompts: list[str]  # one per row (prompt repeated per image)
+    prompt_index: list[int]  # per row
+    cond: torch.Tensor  # (R, T, D)
+    uncond: torch.Tensor
+    lengths: torch.Tensor  # (R,) unpadded token count (BOS..first EOS) — "L" in the papers' notation
+    latents0: torch.Tensor
+    timesteps: torch.Tensor
+    steps: int
+    state: dict[str, Any] = field(default_factory=dict)  # strategy scratch space
+    stats: dict[str, list] = field(default_factory=lambda: {"magnitude": []})
+
+    @property
+    def rows(self) -> int:
+        return len(self.prompts)
 
 
 class Strategy:
@@ -101,3 +117,14 @@ def cfg_combine(u: torch.Tensor, c: torch.Tensor, w) -> torch.Tensor:
     if torch.is_tensor(w):
         w = w.view(-1, *([1] * (u.ndim - 1))).to(u)
     return u + w * (c - u)
+
+
+METHODS: dict[str, type[Strategy]] = {}  # name -> strategy class, in registration order (strategies/__init__.py)
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: make a strategy a method of the engine, the CLI, config validation and the docs table."""
+    if cls.name in METHODS:
+        raise ValueError(f"method {cls.name!r} is already registered ({METHODS[cls.name].__name__})")
+    METHODS[cls.name] = cls
+    return cls

@@ -16,37 +16,21 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import Optional
 
 import numpy as np
 import torch
 from diffusers.utils.torch_utils import randn_tensor
 from tqdm.auto import tqdm
 
-from guard_train.attention.processor import CrossAttnState, SpikeEdit, cross_attention_layers, install
-from guard_train.guidance.base import Branch, Strategy
+from guard_train.attention.processor import CrossAttnState, SpikeEdit, cross_attention_layers, end_token_mask, install
+from guard_train.data.images import to_uint8
+from guard_train.guidance.base import Branch, GenContext, Strategy
 from guard_train.guidance.schedulers import DEFAULT as DEFAULT_SCHEDULER
 from guard_train.guidance.schedulers import check_eta, make_scheduler, step_kwargs
+from guard_train.guidance.strategies import get_strategy
+from guard_train.models.loading import load_lora, load_pipeline
 from guard_train.models.prediction import epsilon_defined, epsilon_difference
-
-
-@dataclass
-class GenContext:
-    engine: "GuidanceEngine"
-    prompts: list[str]  # one per row (prompt repeated per image)
-    prompt_index: list[int]  # per row
-    cond: torch.Tensor  # (R, T, D)
-    uncond: torch.Tensor
-    lengths: torch.Tensor  # (R,) unpadded token count (BOS..first EOS) — "L" in the papers' notation
-    latents0: torch.Tensor
-    timesteps: torch.Tensor
-    steps: int
-    state: dict[str, Any] = field(default_factory=dict)  # strategy scratch space
-    stats: dict[str, list] = field(default_factory=lambda: {"magnitude": []})
-
-    @property
-    def rows(self) -> int:
-        return len(self.prompts)
 
 
 @dataclass
@@ -71,8 +55,6 @@ class GuidanceEngine:
 
     @classmethod
     def from_pretrained(cls, path: str, lora: Optional[str] = None, **kw) -> "GuidanceEngine":
-        from guard_train.models.loading import load_lora, load_pipeline
-
         pipe = load_pipeline(path)
         if lora:
             load_lora(pipe, lora)
@@ -206,8 +188,6 @@ class GuidanceEngine:
 
     @torch.no_grad()
     def decode(self, latents: torch.Tensor) -> np.ndarray:
-        from guard_train.data.images import to_uint8
-
         return to_uint8(self.vae.decode(latents / self.vae.config.scaling_factor).sample)
 
     def generate(self, prompts: list[str] | str, method: str = "cfg", num_images: int = 1, seed: int = 0,
@@ -221,8 +201,6 @@ class GuidanceEngine:
         latents: the starting noise, (prompts × num_images, C, h, w) in prompt-major row order, instead of the
         seeded draw (as diffusers' `latents=`: scaled by the scheduler's init_noise_sigma) — e.g. one noise bank
         shared by every method. The result carries the starting noise and the final latents either way."""
-        from guard_train.guidance.strategies import get_strategy
-
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         strategy = get_strategy(method, **params)
         t0 = time.time()
@@ -266,7 +244,6 @@ class GuidanceEngine:
             stats["diff"] = torch.stack(ctx.stats["diff"])  # (steps, R, C, h, w)
         if "last_maps" in ctx.state and "end_maps" in record:
             names, maps = ctx.state["last_maps"]
-            from guard_train.guidance.strategies.wen import end_token_mask
 
             k = names.index(strategy.own_branch)
             sel = {l: m for l, m in maps.items() if l.startswith("down_blocks.0.")}

@@ -4,9 +4,7 @@ and a test keeps the two equal."""
 
 from __future__ import annotations
 
-from dataclasses import MISSING, fields
-
-from guard_train.config.params import field_doc, field_range, type_hints
+from guard_train.config.params import field_rows
 from guard_train.guidance.strategies import METHODS
 
 BEGIN, END = "<!-- params:begin (guard-train methods --markdown) -->", "<!-- params:end -->"
@@ -14,21 +12,7 @@ BEGIN, END = "<!-- params:begin (guard-train methods --markdown) -->", "<!-- par
 
 def rows(method: str) -> list[tuple[str, str, str, str, str, str]]:
     """(name, type, default, allowed, doc, authors' default) per parameter of one method."""
-    cls = METHODS[method].Params
-    hints = type_hints(cls)
-    out = []
-    for f in fields(cls):
-        rng = field_range(f)
-        allowed = rng.describe() if rng is not None else "a finite number" if hints[f.name] is float else ""
-        if hints[f.name] is bool:
-            allowed = "true / false"
-        elif hints[f.name] is str and not (rng and rng.choices):
-            allowed = "text"
-        default = f.default if f.default is not MISSING else ""
-        doc, official = field_doc(f)
-        out.append((f.name, getattr(hints[f.name], "__name__", str(hints[f.name])), str(default), allowed, doc,
-                    official))
-    return out
+    return field_rows(METHODS[method].Params)
 
 
 def markdown() -> str:

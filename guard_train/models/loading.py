@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
+import importlib
+import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from safetensors import SafetensorError
-
-# The tiny SD's model_index.json names this module for its VAE slot; diffusers only loads components from modules
-# that are already imported (it never imports a module a repository names), so import it here.
-import guard_train.models.codec  # noqa: F401,E402  (side effect: registers the codec module)
 
 
 class ModelLoadError(RuntimeError):
@@ -27,7 +25,23 @@ class Components:
     path: str
 
 
+def import_own_components(path: str) -> None:
+    """A model directory may name one of this package's modules as a component's library (the embedded tiny SD's
+    VAE slot names its codec). diffusers only loads components from modules that are already imported — it never
+    imports a module a directory names — so import those, and only those: a module outside `guard_train` named by
+    a downloaded directory is never imported (that would run its code)."""
+    index = Path(path) / "model_index.json"
+    try:
+        spec = json.loads(index.read_text()) if index.is_file() else {}
+    except (OSError, ValueError):
+        return  # a damaged index is diffusers' to report, with the path
+    for value in spec.values() if isinstance(spec, dict) else ():
+        if isinstance(value, list) and value and isinstance(value[0], str) and value[0].startswith("guard_train."):
+            importlib.import_module(value[0])
+
+
 def load_pipeline(path: str, revision: str | None = None, variant: str | None = None, **kw) -> StableDiffusionPipeline:
+    import_own_components(path)
     try:
         return StableDiffusionPipeline.from_pretrained(
             path, revision=revision, variant=variant, safety_checker=None, requires_safety_checker=False,
@@ -91,8 +105,6 @@ def merge_lora(pipe: StableDiffusionPipeline) -> None:
 
 def _build_info(path: str) -> dict:
     """A LoRA dir's build_info.json (our build scripts write one), or {} for any other LoRA."""
-    import json
-
     info = Path(path) / "build_info.json"
     return json.loads(info.read_text()) if info.is_file() else {}
 

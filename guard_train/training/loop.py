@@ -31,11 +31,11 @@ from guard_train.config.loader import ConfigError, resolve_model_path
 from guard_train.config.paths import PathError, check_replaceable, has_content, mark_ours
 from guard_train.config.schema import Config
 from guard_train.data import loaders
-from guard_train.data.lab import build_lab, write_imagefolder
-from guard_train.models.loading import load_components
+from guard_train.models.loading import load_components, read_lora
 from guard_train.training import checkpoint as ckpt
 from guard_train.training.hooks import Hooks, StepContext, TrainState
 from guard_train.training.losses import diffusion_target, loss_weights, sample_timesteps, timestep_weights
+from guard_train.training.mitigations import build_hooks
 from guard_train.training.sampler import EpochShardSampler
 from guard_train.training.status import describe_failure, write_status
 
@@ -109,7 +109,8 @@ def _loadable_checkpoint(run_dir: Path) -> Optional[Path]:
 
 
 def make_dataset(cfg: Config, run_dir: Path, acc: Accelerator) -> tuple[loaders.ImageCaptionDataset, Optional[Path]]:
-    """Returns (dataset, lab root or None). The lab is written as an imagefolder once (rank 0) and read back."""
+    """Returns (dataset, generated root or None). A generated dataset (the lab) is written as an imagefolder with
+    its manifest once (rank 0) and read back."""
     d = cfg.data
     tf = loaders.image_transform(d.resolution, d.center_crop, d.random_flip)
     if d.streaming:
@@ -120,12 +121,12 @@ def make_dataset(cfg: Config, run_dir: Path, acc: Accelerator) -> tuple[loaders.
         ds = loaders.StreamingImageCaptionDataset(d.source, d.path, d.image_column, d.caption_column, d.id_column, tf,
                                                   cfg.train.seed, acc.process_index, acc.num_processes)
         return ds, None
-    if d.source == "lab":
+    if d.generated():
         root = run_dir / "data"
         with acc.main_process_first():
             if acc.is_main_process and not (root / "manifest.jsonl").exists():
                 mark_ours(run_dir)
-                write_imagefolder(build_lab(d.lab), root)
+                d.write(root)
         return loaders.build_dataset("imagefolder", str(root), "image", "text", "id", tf, cfg.train.seed), root
     ds = loaders.build_dataset(d.source, d.path, d.image_column, d.caption_column, d.id_column, tf,
                                cfg.train.seed, d.max_samples)
@@ -153,9 +154,14 @@ def weighted_loss(per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tens
 
 class Trainer:
     def __init__(self, cfg: Config, hooks: Optional[Hooks] = None):
-        from guard_train.training.mitigations import build_hooks
-
-        self.cfg, self.hooks = cfg, build_hooks(cfg, hooks)
+        self.cfg, self.hooks = cfg, build_hooks(cfg.mitigation, hooks)
+        e = cfg.eval
+        if (e.every_n_epochs or e.every_n_steps or e.at_end) and not any(
+                getattr(cb, "measures_memorization", False) for cb in self.hooks.callbacks):
+            raise ConfigError("eval.every_n_epochs / every_n_steps / at_end ask for the memorization callback, "
+                              "which these hooks lack: build them with guard_train.callbacks.build_callbacks(cfg) (as "
+                              "the CLI and guard_train.train do), or set eval.every_n_steps=0 eval.every_n_epochs=0 "
+                              "eval.at_end=false")
         t = cfg.train
         if t.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
@@ -279,7 +285,6 @@ class Trainer:
         """Load LoRA weights (a dir with pytorch_lora_weights.safetensors, or the file) into the adapter in place."""
         from peft.utils import set_peft_model_state_dict
 
-        from guard_train.models.loading import read_lora
 
         sd, _, _ = read_lora(str(path))  # the same key handling as inference's load_lora
         try:

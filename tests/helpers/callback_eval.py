@@ -8,7 +8,7 @@ from accelerate import Accelerator
 
 from guard_train.callbacks.memorization import MemorizationCallback
 from guard_train.config.schema import EvalConfig
-from guard_train.data.lab import LabConfig, build_lab, write_imagefolder
+from guard_train.lab.dataset import LabConfig, build_lab, write_imagefolder
 from guard_train.models.loading import load_pipeline
 from guard_train.training.hooks import TrainState
 

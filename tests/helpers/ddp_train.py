@@ -10,7 +10,7 @@ import sys
 
 import torch
 
-from guard_train.config.loader import load_config
+from guard_train.lab.config import load_config
 from guard_train.training.hooks import Callback, Hooks
 from guard_train.training.loop import Trainer
 

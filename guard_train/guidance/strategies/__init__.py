@@ -1,18 +1,22 @@
-"""Registry of inference-time methods: `get_strategy(name, **params)`."""
+"""The inference methods: one file per method family, each class decorated with `@register` (guidance/base.py).
+Importing this package imports them all; `METHODS` is every registered method, `get_strategy(name, **params)` one."""
 
 from __future__ import annotations
 
-from guard_train.guidance.base import ParamError, Strategy
-from guard_train.guidance.strategies.cfg import CFG
-from guard_train.guidance.strategies.guard import Guard, GuardAttenuation
-from guard_train.guidance.strategies.jain import JainDynamic, JainStatic, OppositeDynamic, OppositeStatic
-from guard_train.guidance.strategies.prompt_noise import GNI, RandomNumber, RandomToken, WordRepeat
-from guard_train.guidance.strategies.ren import Ren
-from guard_train.guidance.strategies.wen import BrightEndingOpt, WenOpt
+from guard_train.guidance.base import METHODS, ParamError, Strategy
 
-METHODS: dict[str, type[Strategy]] = {s.name: s for s in (
-    CFG, Guard, GuardAttenuation, JainStatic, JainDynamic, OppositeStatic, OppositeDynamic, Ren, WenOpt,
-    BrightEndingOpt, GNI, RandomToken, WordRepeat, RandomNumber)}
+# One line per file; the order is the methods' order in the CLI and the docs table (guard imports prompt_noise
+# for its neighbour prompts, so those register before it).
+# isort: off
+from guard_train.guidance.strategies import cfg  # noqa: E402,F401
+from guard_train.guidance.strategies import guard  # noqa: E402,F401
+from guard_train.guidance.strategies import jain  # noqa: E402,F401
+from guard_train.guidance.strategies import ren  # noqa: E402,F401
+from guard_train.guidance.strategies import wen  # noqa: E402,F401
+from guard_train.guidance.strategies import prompt_noise  # noqa: E402,F401
+# isort: on
+
+__all__ = ["METHODS", "get_strategy"]
 
 
 def get_strategy(name: str, **params) -> Strategy:

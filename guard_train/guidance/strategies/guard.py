@@ -40,7 +40,7 @@ import numpy as np
 import torch
 
 from guard_train.config.params import ranged
-from guard_train.guidance.base import AttnEdit, Branch, ParamError, Spike, Strategy, cfg_combine
+from guard_train.guidance.base import AttnEdit, Branch, ParamError, Spike, Strategy, cfg_combine, register
 from guard_train.guidance.strategies.prompt_noise import RandomNumber, RandomToken, WordRepeat
 
 # block presets — the authors' BLOCKS_* groups, by block index, for any UNet with down/mid/up cross-attention:
@@ -185,6 +185,7 @@ def select_heads(scores: dict[str, torch.Tensor], per_block: float, global_k: fl
     return out
 
 
+@register
 class Guard(Strategy):
     name = "guard"
     own_branch = "neg"  # the unedited memorized prompt
@@ -419,6 +420,7 @@ class Guard(Strategy):
         ctx.state.setdefault("basin", []).append(a_t.tolist())
 
 
+@register
 class GuardAttenuation(Guard):
     name = "guard_attn"
     own_branch = "pos"  # its only conditional branch is the edited one

@@ -18,9 +18,10 @@ from dataclasses import dataclass
 import torch
 
 from guard_train.config.params import ranged
-from guard_train.guidance.base import Strategy, cfg_combine
+from guard_train.guidance.base import Strategy, cfg_combine, register
 
 
+@register
 class JainStatic(Strategy):
     name = "jain_static"
 
@@ -35,6 +36,7 @@ class JainStatic(Strategy):
         return cfg_combine(eps["uncond"], eps["cond"], w)
 
 
+@register
 class OppositeStatic(JainStatic):
     name = "opposite_static"
 
@@ -45,6 +47,7 @@ class OppositeStatic(JainStatic):
         guidance_before: float = ranged(-2.0, doc="(opposite) guidance weight while t > transition_t")
 
 
+@register
 class JainDynamic(Strategy):
     name = "jain_dynamic"
 
@@ -92,6 +95,7 @@ class _Probe(Strategy):
         return eps["uncond"]
 
 
+@register
 class OppositeDynamic(Strategy):
     name = "opposite_dynamic"
 

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 
 from guard_train.config.params import ranged
-from guard_train.guidance.base import Strategy, cfg_combine
+from guard_train.guidance.base import Strategy, cfg_combine, register
 
 
+@register
 class GNI(Strategy):
     name = "gni"
 
@@ -67,6 +68,7 @@ class _Insert(Strategy):
         return cfg_combine(eps["uncond"], eps["cond"], self.p.guidance_scale)
 
 
+@register
 class RandomToken(_Insert):
     name = "random_token"
 
@@ -75,6 +77,7 @@ class RandomToken(_Insert):
         return [tok.decode([int(i)]).strip() or "x" for i in rng.integers(0, hi, size=self.p.repeats)]
 
 
+@register
 class WordRepeat(_Insert):
     name = "word_repeat"
 
@@ -83,6 +86,7 @@ class WordRepeat(_Insert):
         return [w[int(i)] for i in rng.integers(0, len(w), size=self.p.repeats)] if w else []
 
 
+@register
 class RandomNumber(_Insert):
     name = "random_number"
 

@@ -13,9 +13,10 @@ from dataclasses import dataclass
 import torch
 
 from guard_train.config.params import ranged
-from guard_train.guidance.base import AttnEdit, Branch, Strategy, cfg_combine
+from guard_train.guidance.base import AttnEdit, Branch, Strategy, cfg_combine, register
 
 
+@register
 class Ren(Strategy):
     name = "ren"
 

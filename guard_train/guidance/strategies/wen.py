@@ -21,11 +21,13 @@ from typing import Optional
 
 import torch
 
+from guard_train.attention.processor import end_token_mask
 from guard_train.config.params import ranged
-from guard_train.guidance.base import ParamError, Strategy, cfg_combine
+from guard_train.guidance.base import ParamError, Strategy, cfg_combine, register
 from guard_train.models.prediction import epsilon_difference, first_epsilon_step
 
 
+@register
 class WenOpt(Strategy):
     name = "wen_opt"
 
@@ -113,16 +115,7 @@ class _Baseline(Strategy):
         return cfg_combine(eps["uncond"], eps["cond"], self.p.guidance_scale)
 
 
-def end_token_mask(maps: dict[str, torch.Tensor], rows: slice, lengths: torch.Tensor, latent_hw: tuple[int, int]):
-    """Average the layers' head-averaged maps (B, Q, T) of the given rows at token L−1 → (R, 1, h, w)."""
-    ms = []
-    for a in maps.values():
-        a = a[rows]
-        ms.append(a[torch.arange(a.shape[0]), :, lengths - 1])
-    m = torch.stack(ms).mean(0)
-    return m.view(-1, 1, *latent_hw)
-
-
+@register
 class BrightEndingOpt(WenOpt):
     name = "be_opt"
 

@@ -11,12 +11,54 @@ Models" (NeurIPS 2023), `datasets.py --trainspecial`, each applied with probabil
 
 from __future__ import annotations
 
-from typing import Callable
+from dataclasses import dataclass
+from typing import Callable, ClassVar
 
 import numpy as np
 import torch
 
+from guard_train.config.params import ranged
+from guard_train.training.hooks import Hooks
+from guard_train.training.mitigations.base import Mitigation, register
+
 MODES = ("none", "rc", "rt", "cwr")
+
+
+@register
+@dataclass
+class CaptionMitigationConfig(Mitigation):
+    section: ClassVar[str] = "captions"
+    summary: ClassVar[str] = ("Somepalli et al.'s caption mitigations: replace (RC) or perturb (RT, CWR) a sample's "
+                              "caption with probability p; Gaussian noise on the text embedding (GN); MC = give a "
+                              "list-valued caption column")
+    arms: ClassVar[dict[str, dict[str, str]]] = {"captions_rc": {"mode": "rc", "p": "0.1"}}
+    mode: str = ranged("none", choices=MODES, doc="none | rc (4 random tokens) | rt (2 random tokens inserted) | cwr "
+                                                  "(2 of the caption's words repeated)")
+    p: float = ranged(0.1, ge=0, le=1, doc="probability per sample of the caption mitigation")
+    gn_lambda: float = ranged(0.0, ge=0, doc="λ of λ·N(0, 1) added to the text-encoder output every step (GN); "
+                                             "0 = off")
+
+    def active(self) -> bool:
+        return self.mode != "none" or self.gn_lambda > 0
+
+    def build(self, hooks: Hooks, section_of) -> None:
+        if self.mode != "none":
+            hooks.caption_transforms.append(_LazyCaption(self.mode, self.p))
+        if self.gn_lambda > 0:
+            hooks.embedding_transforms.append(gaussian_embedding_noise(self.gn_lambda))
+
+
+class _LazyCaption:
+    """Needs the tokenizer, which the trainer loads after the hooks are built."""
+
+    def __init__(self, mode: str, p: float):
+        self.mode, self.p, self.fn = mode, p, None
+
+    def bind(self, tokenizer) -> None:
+        self.fn = caption_transform(self.mode, self.p, tokenizer)
+
+    def __call__(self, caption, item_id, rng):
+        return self.fn(caption, item_id, rng)
 
 
 def _random_tokens(tokenizer, k: int, rng: np.random.Generator) -> list[str]:

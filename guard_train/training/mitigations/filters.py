@@ -21,16 +21,58 @@ never scored. Filtered ids go to `<run>/filtered/<name>_rank<r>.jsonl`, threshol
 from __future__ import annotations
 
 import json
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import ClassVar, Optional
 
 import numpy as np
 import torch
 
 from guard_train.attention.processor import CrossAttnState, cross_attention_layers, install
-from guard_train.config.schema import EntropyFilterConfig, FilterConfig
+from guard_train.config.params import ranged
 from guard_train.models.prediction import epsilon_difference
-from guard_train.training.hooks import StepContext
+from guard_train.training.hooks import Hooks, StepContext
+from guard_train.training.mitigations.base import Mitigation, register
+
+
+@dataclass
+class FilterConfig(Mitigation):
+    enabled: bool = ranged(False, doc="turn the filter on")
+    mode: str = ranged("quantile", choices=("quantile", "fixed"),
+                       doc="quantile: a threshold per timestep bucket calibrated over the warm-up; fixed: `threshold`")
+    threshold: float = ranged(0.0, ge=0, doc="the score above which a sample is dropped (mode=fixed); scores are >= 0")
+    quantile: float = ranged(0.95, gt=0, lt=1, doc="drop the top 1 − q of scores, per timestep bucket (mode=quantile)")
+    buckets: int = ranged(10, ge=1, doc="timestep buckets of the calibrated threshold")
+    warmup_steps: int = ranged(50, ge=1, doc="micro-steps of calibration, gathered over ranks (nothing dropped "
+                                             "meanwhile)")
+
+
+@register
+@dataclass
+class EntropyFilterConfig(FilterConfig):
+    section: ClassVar[str] = "entropy_filter"
+    summary: ClassVar[str] = ("Ren et al.'s minibatch filter: drop a sample whose cross-attention entropy (read from "
+                              "the training forward itself) is above the threshold")
+    arms: ClassVar[dict[str, dict[str, str]]] = {"entropy_filter": {"enabled": "true"}}
+    layers: list[str] = ranged(factory=lambda: ["down_blocks.1.attentions.1.transformer_blocks.0.attn2"],
+                               doc="cross-attention layers whose entropy is averaged (default: the analogue of SD's "
+                                   "down_blocks.1.attentions.1, Ren et al.'s detection layer)")
+
+    def build(self, hooks: Hooks, section_of) -> None:
+        hooks.loss_weighting.append(EntropyFilter(self))
+
+
+@register
+@dataclass
+class MagnitudeFilterConfig(FilterConfig):
+    section: ClassVar[str] = "magnitude_filter"
+    summary: ClassVar[str] = ("Wen et al.'s filter: drop a sample whose text-conditional noise-prediction magnitude "
+                              "‖ε(x_t, c) − ε(x_t, ∅)‖ is above the threshold (one extra no-grad forward)")
+    arms: ClassVar[dict[str, dict[str, str]]] = {"magnitude_filter": {"enabled": "true"}}
+    buckets: int = ranged(1, ge=1, doc="timestep buckets of the calibrated threshold")
+
+    def build(self, hooks: Hooks, section_of) -> None:
+        hooks.loss_weighting.append(MagnitudeFilter(self))
 
 
 class ThresholdFilter:

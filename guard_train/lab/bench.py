@@ -10,7 +10,7 @@ Design (fixed before looking at results; the lab's own seed is never varied or t
   the noise, sampling order) and the generation seeds — never the data.
 * Training arms fine-tune the committed base with one mitigation each (plain = none) for the same steps. Each arm
   is then measured by generating with plain CFG on the same prompts (duplicated / unique / held-out captions,
-  `lab_reference_and_prompts`, prompt choice fixed).
+  `reference_and_prompts`, prompt choice fixed).
 * Inference arms run every method on one memorizing model. Default (`infer_model`, full size): the committed
   memorizing LoRA `models/tiny-sd-memorized-lora` on the base, generating for its own training lab (rebuilt from
   its `lab_config.json`), because the plain arm's 800-step fine-tune copies nothing (copy rate 0 on every seed),
@@ -47,6 +47,18 @@ from typing import Optional
 
 import numpy as np
 
+from guard_train.callbacks import build_callbacks
+from guard_train.eval.evaluate import PromptSet, generate_distributed, grid, reference_and_prompts, score
+from guard_train.guidance.engine import GuidanceEngine
+from guard_train.lab.aligner import committed_scorer
+from guard_train.lab.config import load_config
+from guard_train.lab.dataset import build_lab, read_lab_config, write_imagefolder
+from guard_train.metrics.copy import wilson
+from guard_train.metrics.embed import get_embedder
+from guard_train.models.loading import load_lora, load_pipeline, lora_base_model, merge_lora
+from guard_train.training.loop import Trainer
+from guard_train.training.mitigations import REGISTRY as MITIGATIONS
+
 ROOT = Path(__file__).resolve().parents[2]
 
 
@@ -79,14 +91,22 @@ SIZES = {
                  images_per_prompt=4, gen_steps=25, infer_model="models/tiny-sd-memorized-lora"),
 }
 
-TRAIN_ARMS: dict[str, dict] = {
-    "plain": {},
-    "entropy_filter": {"mitigation.entropy_filter.enabled": "true"},
-    "magnitude_filter": {"mitigation.magnitude_filter.enabled": "true"},
-    "dup_sampling": {"mitigation.dup_sampling.enabled": "true"},
-    "entropy+dup (default)": {"mitigation.entropy_filter.enabled": "true", "mitigation.dup_sampling.enabled": "true"},
-    "captions_rc": {"mitigation.captions.mode": "rc", "mitigation.captions.p": 0.1},
-}
+DEFAULT_PAIR = ("entropy_filter", "dup_sampling")  # what recipe=tiny turns on
+
+
+def _train_arms() -> dict[str, dict]:
+    """plain, one arm per registered mitigation arm (training/mitigations: each declares the overrides that turn
+    it on), and the default pair as soon as both of its arms are there."""
+    arms: dict[str, dict] = {"plain": {}}
+    for name, cls in MITIGATIONS.items():
+        for arm, kv in cls.arms.items():
+            arms[arm] = {f"mitigation.{name}.{k}": v for k, v in kv.items()}
+        if "entropy+dup (default)" not in arms and all(a in arms for a in DEFAULT_PAIR):
+            arms["entropy+dup (default)"] = {k: v for a in DEFAULT_PAIR for k, v in arms[a].items()}
+    return arms
+
+
+TRAIN_ARMS: dict[str, dict] = _train_arms()
 INFER_ARMS = ("cfg", "guard", "guard_attn", "jain_static", "jain_dynamic", "opposite_static", "opposite_dynamic",
               "ren", "wen_opt", "be_opt", "gni", "random_token")
 HEADLINE = ("copy_rate", "own_copy_rate", "top1_p95", "top1_mean", "localized_similarity_mean",
@@ -123,8 +143,6 @@ def _overrides(size: Size, arm: str, seed: int, out: Path, model: str) -> list[s
 
 def _measure(engine, method: str, ref, pset, size: Size, seed: int, embedder, aligner,
              **params) -> tuple[dict, np.ndarray]:
-    from guard_train.eval.evaluate import generate_distributed, score
-
     images, _, wall, extras = generate_distributed(engine, pset, method, size.images_per_prompt, size.gen_steps,
                                                    seed, None, detect=True, **params)
     metrics, _ = score(images, pset, ref, embedder, size.images_per_prompt, 0.5, aligner, extras=extras)
@@ -136,7 +154,6 @@ def _save_grid(images, pset, ref, size: Size, path: Path) -> None:
     """Fixed prompts per arm: the first two duplicated and the first two unique captions of the set."""
     from PIL import Image
 
-    from guard_train.eval.evaluate import PromptSet, grid
 
     pick = [i for g in ("duplicated", "unique") for i in [k for k, x in enumerate(pset.groups) if x == g][:2]]
     n = size.images_per_prompt
@@ -147,14 +164,10 @@ def _save_grid(images, pset, ref, size: Size, path: Path) -> None:
 
 
 def run_train_cell(size: Size, arm: str, seed: int, out: Path, model: str, embedder, aligner) -> dict:
-    from guard_train.config.loader import load_config
-    from guard_train.eval.evaluate import lab_reference_and_prompts
-    from guard_train.guidance.engine import GuidanceEngine
-    from guard_train.training.loop import Trainer
-
     _reset_accelerate()
     t0 = time.perf_counter()
-    trainer = Trainer(load_config(_overrides(size, arm, seed, out, model)))
+    cfg = load_config(_overrides(size, arm, seed, out, model))
+    trainer = Trainer(cfg, build_callbacks(cfg))
     try:
         result = trainer.train()
         train_wall = time.perf_counter() - t0
@@ -162,7 +175,7 @@ def run_train_cell(size: Size, arm: str, seed: int, out: Path, model: str, embed
         eval_wall = sum(h.get("wall_s", 0.0) for h in cb.history)
         over_training = [{"step": h["step"], **{k: h["methods"]["cfg"]["groups"][g].get(k) for g in ("duplicated",)
                                                 for k in ("copy_rate", "top1_mean")}} for h in cb.history]
-        ref, pset = lab_reference_and_prompts(trainer.run_dir / "data", size.prompts_per_group, 0)
+        ref, pset = reference_and_prompts(trainer.run_dir / "data", size.prompts_per_group, 0)
         pipe = trainer.pipeline()
         pipe.unet.eval()
         metrics, images = _measure(GuidanceEngine(pipe), "cfg", ref, pset, size, seed, embedder, aligner)
@@ -179,9 +192,6 @@ def run_train_cell(size: Size, arm: str, seed: int, out: Path, model: str, embed
 
 def infer_engine(model: str, lora: Optional[str] = None):
     """The inference arms' model (a fine-tuned pipeline dir, or the base plus a LoRA), loaded once per seed."""
-    from guard_train.guidance.engine import GuidanceEngine
-    from guard_train.models.loading import load_lora, load_pipeline, merge_lora
-
     pipe = load_pipeline(model)
     if lora:
         load_lora(pipe, lora)
@@ -211,8 +221,6 @@ def _lora_dir(infer_model: str) -> Optional[Path]:
 def infer_base(lora: Optional[Path], model: str) -> str:
     """The inference arms' base: the LoRA's own (its build_info.json's base_model, e.g. the v-prediction pair's
     models/tiny-sd-v) — a LoRA on another base draws noise — else the training arms' `model`."""
-    from guard_train.models.loading import lora_base_model
-
     base = lora_base_model(str(lora)) if lora is not None else None
     if base is None:
         return model
@@ -226,8 +234,6 @@ def infer_base(lora: Optional[Path], model: str) -> str:
 def infer_source(lora: Optional[Path], out: Path) -> tuple[Optional[Path], str]:
     """For a LoRA dir: (its training lab written under out/infer_lab, a fingerprint of its weights). The lab is
     rebuilt from the LoRA's lab_config.json (the lab is deterministic from its config)."""
-    from guard_train.data.lab import build_lab, read_lab_config, write_imagefolder
-
     if lora is None:
         return None, "plain"
     data = out / "infer_lab"
@@ -253,10 +259,8 @@ def weights_fingerprint(model_dir: Path) -> str:
 
 def run_infer_cell(size: Size, method: str, seed: int, out: Path, data_dir: Path, engine, embedder,
                    aligner) -> dict:
-    from guard_train.eval.evaluate import lab_reference_and_prompts
-
     t0 = time.perf_counter()
-    ref, pset = lab_reference_and_prompts(data_dir, size.prompts_per_group, 0)
+    ref, pset = reference_and_prompts(data_dir, size.prompts_per_group, 0)
     cfg_wall = None
     params = {} if size.infer_guidance is None else {"guidance_scale": size.infer_guidance}
     if method != "cfg":  # its own CFG reference in the same process, just before: a ratio, not an absolute time
@@ -287,10 +291,6 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
             infer_guidance: Optional[float] = None) -> dict:
     """Every cell of the size (reusing finished ones from `cells_dir`, default `out/cells`), then the tables,
     plots and grids under `out`."""
-    from guard_train.eval.summary import SCORER_DIR
-    from guard_train.metrics.alignment import LabAligner
-    from guard_train.metrics.embed import get_embedder
-
     size = SIZES[size_name]
     if seeds:
         size = replace(size, seeds=tuple(seeds))
@@ -313,7 +313,7 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
     if "plain" not in arms:
         arms = ["plain", *arms]  # the reference of every ratio and the inference arms' model
     embedder = get_embedder(backend)
-    aligner = LabAligner.load(SCORER_DIR) if (SCORER_DIR / "model.safetensors").exists() else None
+    aligner = committed_scorer()
     t_start = time.perf_counter()
     # a cell is reused only if it was made with the same settings (size minus the seed list, weights, backend)
     # (infer_guidance only in the inference cells' key, and only when set: cells made before it existed stay valid)
@@ -381,8 +381,6 @@ def _jsonable(d: dict) -> dict:
 
 def pooled_rates(counts: dict) -> dict:
     """Copy and own-copy rate per group pooled over seeds (copies ÷ images), with Wilson 95 % intervals."""
-    from guard_train.metrics.copy import wilson
-
     out = dict(counts)
     for grp in ("duplicated", "unique", "held_out"):
         n = counts.get(f"{grp}.n_images")
@@ -508,8 +506,6 @@ def _guidance(cfg: dict) -> str:
 
 
 def _base_name(cfg: dict) -> str:
-    from guard_train.models.loading import lora_base_model
-
     base = lora_base_model(str(_repo_path(cfg["infer_model"]))) if cfg.get("infer_model", "plain") != "plain" else None
     return f"its base `{base}`" if base else "the base"
 

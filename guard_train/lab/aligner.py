@@ -24,8 +24,10 @@ import torch.nn as nn
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from guard_train.data.lab import COLORS, SHAPES, pretrain_stream
-from guard_train.data.photos import PHOTO_NAMES
+from guard_train.data.images import to_model as _x
+from guard_train.lab.dataset import COLORS, SHAPES, pretrain_stream
+from guard_train.lab.photos import PHOTO_NAMES
+from guard_train.metrics.aligners import register_aligner
 
 PAIRS = [f"{c} {s}" for c in COLORS for s in SHAPES]
 NAME = "lab alignment (attribute classifier; not CLIP)"
@@ -62,9 +64,6 @@ def _targets(captions: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
         for p in parse_caption(c)[1]:
             pairs[i, PAIRS.index(p)] = 1
     return photo, pairs
-
-
-from guard_train.data.images import to_model as _x  # noqa: E402
 
 
 @dataclass
@@ -104,6 +103,17 @@ class LabAligner:
         net = AttributeNet(info["width"])
         net.load_state_dict(load_file(d / "model.safetensors"))
         return cls(net.eval(), info)
+
+
+SCORER_DIR = Path(__file__).resolve().parents[2] / "models" / "lab-scorer"  # the committed scorer
+
+
+def committed_scorer() -> LabAligner | None:
+    """The committed lab scorer, or None when its weights are absent."""
+    return LabAligner.load(SCORER_DIR) if (SCORER_DIR / "model.safetensors").exists() else None
+
+
+register_aligner("lab", committed_scorer)
 
 
 def evaluate(aligner: LabAligner, images: np.ndarray, captions: list[str]) -> dict:

@@ -17,7 +17,7 @@ import torch
 from diffusers import DDIMScheduler, DDPMScheduler, StableDiffusionPipeline, UNet2DConditionModel
 from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer
 
-from guard_train.models.codec import PatchPCACodec
+from guard_train.lab.codec import PatchPCACodec
 
 SD_SCHEDULER = dict(
     num_train_timesteps=1000,

@@ -31,9 +31,11 @@ from tqdm.auto import tqdm
 from guard_train.config.loader import ConfigError
 from guard_train.config.params import ParamValueError, check_dataclass, ranged
 from guard_train.config.paths import PathError, check_out_dir
-from guard_train.data.lab import pretrain_stream
-from guard_train.models.codec import PatchPCACodec
-from guard_train.models.tiny_sd import build_tiny_sd, clip_tokenizer, noise_scheduler
+from guard_train.data.images import to_model as to_tensor
+from guard_train.lab.codec import PatchPCACodec
+from guard_train.lab.dataset import pretrain_stream
+from guard_train.lab.tiny_sd import build_tiny_sd, clip_tokenizer, noise_scheduler
+from guard_train.models.loading import ModelLoadError, load_pipeline
 from guard_train.training.losses import diffusion_target, loss_weights
 
 EVAL_CAPTIONS = (
@@ -74,9 +76,6 @@ class PretrainConfig:
     # >= 0: cosine-decay the lr from this step to lr * lr_min_ratio at `steps`
     decay_from: int = ranged(-1, ge=0, off=-1)
     lr_min_ratio: float = ranged(0.1, ge=0, le=1)
-
-
-from guard_train.data.images import to_model as to_tensor  # noqa: E402  (kept name: used by tests)
 
 
 def _export(pipe: StableDiffusionPipeline, ema: EMAModel, out: Path, meta: dict) -> None:
@@ -171,8 +170,6 @@ def build_base(cfg: PretrainConfig) -> Path:
     t0 = time.time()
     state_path = work / "trainer_state.pt"
     if cfg.init_from:
-        from guard_train.models.loading import ModelLoadError, load_pipeline
-
         try:  # use_safetensors=True (load_pipeline): pickled weights could run code, and are refused
             pipe = load_pipeline(cfg.init_from)
         except ModelLoadError as e:

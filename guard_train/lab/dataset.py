@@ -20,7 +20,8 @@ import numpy as np
 from PIL import Image, ImageDraw
 
 from guard_train.config.params import check_dataclass, ranged
-from guard_train.data import photos
+from guard_train.data.manifest import row_images
+from guard_train.lab import photos
 
 SHAPES: tuple[str, ...] = ("circle", "square", "triangle")
 COLORS: dict[str, tuple[int, int, int]] = {
@@ -317,10 +318,8 @@ def read_manifest(root: str | Path) -> list[LabItem]:
 def read_rows(root: str | Path, originals_only: bool = False) -> tuple[list[LabItem], np.ndarray]:
     """The training rows of a written lab and their images (N, H, W, 3): every row (planted exact and near copies
     included — what the model trained on, the copy metric's reference set), or only each instance's original."""
-    root = Path(root)
     items = [it for it in read_manifest(root) if not originals_only or it.copy_kind == "original"]
-    images = np.stack([np.asarray(Image.open(root / "train" / f"{it.id:05d}.png").convert("RGB")) for it in items])
-    return items, images
+    return items, row_images(root, [it.id for it in items])
 
 
 def read_originals(root: str | Path) -> tuple[list[LabItem], np.ndarray]:

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from guard_train.data.lab import Lab, near_copy, same_caption_new_instance
-from guard_train.metrics.embed import Embedder
+from guard_train.lab.dataset import Lab, LabConfig, build_lab, near_copy, same_caption_new_instance
+from guard_train.metrics.embed import Embedder, get_embedder
 
 
 def calibration_table(lab: Lab, embedder: Embedder, seed: int = 0) -> dict:
@@ -46,14 +46,12 @@ def calibration_table(lab: Lab, embedder: Embedder, seed: int = 0) -> dict:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """python -m guard_train.metrics.calibration [--instances 96] [--cell-split 1] [--backend sscd] [--out file.json]"""
+    """python -m guard_train.lab.calibration [--instances 96] [--cell-split 1] [--backend sscd] [--out file.json]"""
     import argparse
     import json
 
-    from guard_train.data.lab import LabConfig, build_lab
-    from guard_train.metrics.embed import get_embedder
 
-    p = argparse.ArgumentParser(prog="python -m guard_train.metrics.calibration")
+    p = argparse.ArgumentParser(prog="python -m guard_train.lab.calibration")
     p.add_argument("--instances", type=int, default=96)
     p.add_argument("--backend", default="sscd")
     p.add_argument("--seed", type=int, default=0)

@@ -7,11 +7,10 @@ from pathlib import Path
 
 import numpy as np
 
-from guard_train.data.lab import read_rows
+from guard_train.lab.aligner import committed_scorer
+from guard_train.lab.dataset import read_rows
 from guard_train.metrics.embed import get_embedder
 from guard_train.metrics.memorization import Probe, memorization_summary
-
-SCORER_DIR = Path(__file__).resolve().parents[2] / "models" / "lab-scorer"
 
 
 def lab_probes(lab_root: Path, max_per_group: int, seed: int = 0) -> tuple[list[Probe], np.ndarray, list[int]]:
@@ -38,11 +37,7 @@ def run_summary(trainer) -> dict:
     pipe = trainer.pipeline()
     trainer.unet.eval()
     embedder = get_embedder(s.backend) if acc.is_main_process else None
-    aligner = None
-    if acc.is_main_process and (SCORER_DIR / "model.safetensors").exists():
-        from guard_train.metrics.alignment import LabAligner
-
-        aligner = LabAligner.load(SCORER_DIR)
+    aligner = committed_scorer() if acc.is_main_process else None
     res = memorization_summary(pipe, probes, train_images, keys, embedder, acc, s.images_per_prompt, s.steps,
                                s.guidance_scale, s.probe_timestep, s.copy_threshold, cfg.train.seed, aligner=aligner)
     trainer.unet.train()
