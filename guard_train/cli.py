@@ -405,6 +405,10 @@ def _sampler_flags(p) -> None:
                    help="sampler built from the model dir's scheduler config (default ddim, the papers'; model = "
                         "the dir's own)")
     p.add_argument("--eta", type=arg_type(float, Range(ge=0, le=1)), default=0.0, help="DDIM's eta (0 = deterministic)")
+    p.add_argument("--device", default="auto", help="auto (a CUDA device when there is one, else the CPU; under "
+                   "accelerate launch, each process's own) | cpu | cuda | cuda:N")
+    p.add_argument("--dtype", choices=("fp32", "bf16", "fp16"), default="fp32",
+                   help="weights and activations (fp16 needs CUDA)")
 
 
 def _generate_cmd(args) -> int:
@@ -418,7 +422,7 @@ def _generate_cmd(args) -> int:
     from guard_train.guidance.engine import GuidanceEngine
     from guard_train.guidance.schedulers import check_sampler
     from guard_train.guidance.strategies import get_strategy
-    from guard_train.models.loading import ModelLoadError
+    from guard_train.models.loading import ModelLoadError, placement
 
     params = {}
     try:  # every input checked before the model loads or anything is written
@@ -434,8 +438,9 @@ def _generate_cmd(args) -> int:
         model = check_model_arg(args.model)
         if args.lora:
             check_lora_input(args.lora, "--lora")
+        device, dtype = placement(args.device, args.dtype)
         engine = GuidanceEngine.from_pretrained(model, lora=args.lora or None, max_batch=args.max_batch,
-                                                scheduler=args.scheduler, eta=args.eta)
+                                                scheduler=args.scheduler, eta=args.eta, device=device, dtype=dtype)
         res = engine.generate(prompts, method=args.method, num_images=args.num_images, seed=args.seed,
                               steps=args.steps, progress=True, **params)
     except (ParamError, ModelLoadError, PathError, ConfigError) as e:
@@ -481,7 +486,7 @@ def _detect_cmd(args) -> int:
     from guard_train.config.paths import PathError, check_lora_input, check_out_dir, mark_ours, read_jsonl_input
     from guard_train.guidance.engine import GuidanceEngine
     from guard_train.metrics.detection import detect, summarize
-    from guard_train.models.loading import ModelLoadError
+    from guard_train.models.loading import ModelLoadError, placement
 
     try:
         out = check_out_dir(args.out, own_files=("summary.json", "scores.csv"))
@@ -496,7 +501,9 @@ def _detect_cmd(args) -> int:
     except (PathError, ConfigError) as e:
         return _error(e)
     try:
-        eng = GuidanceEngine.from_pretrained(model, lora=args.lora or None, scheduler=args.scheduler, eta=args.eta)
+        device, dtype = placement(args.device, args.dtype)
+        eng = GuidanceEngine.from_pretrained(model, lora=args.lora or None, scheduler=args.scheduler, eta=args.eta,
+                                             device=device, dtype=dtype)
     except ModelLoadError as e:
         return _error(e)
     scores, per_prompt_s = detect(eng, prompts, args.num_images, args.steps, args.seed)

@@ -41,7 +41,7 @@ from guard_train.guidance.strategies import METHODS
 from guard_train.metrics.aligners import default_aligner
 from guard_train.metrics.clip_score import CLIPScoreError, CLIPScorer
 from guard_train.metrics.embed import get_embedder
-from guard_train.models.loading import ModelLoadError, load_lora, load_pipeline
+from guard_train.models.loading import ModelLoadError, load_lora, load_pipeline, placement
 from guard_train.training.checkpoint import complete_checkpoints
 
 OPS = {">": operator.gt, ">=": operator.ge, "<": operator.lt, "<=": operator.le}
@@ -91,13 +91,14 @@ def _checkpoints(base: str, loras: list[str], run: str) -> list[tuple[str, str |
     return out or [("base", None)]
 
 
-def _load_engine(base: str, ckpt: str | None, max_batch: int, scheduler: str = "ddim", eta: float = 0.0):
-    """base + a LoRA dir, a full pipeline dir, or an accelerate checkpoint of either kind."""
+def _load_engine(base: str, ckpt: str | None, max_batch: int, scheduler: str = "ddim", eta: float = 0.0,
+                 device=None, dtype=None):
+    """base + a LoRA dir, a full pipeline dir, or an accelerate checkpoint of either kind, on `device` / `dtype`."""
     if ckpt is None:
-        return GuidanceEngine(load_pipeline(base), max_batch, scheduler, eta)
+        return GuidanceEngine(load_pipeline(base), max_batch, scheduler, eta, device, dtype)
     c = Path(ckpt)
     if (c / "model_index.json").exists():  # a full pipeline (final/ of a full fine-tune)
-        return GuidanceEngine(load_pipeline(str(c)), max_batch, scheduler, eta)
+        return GuidanceEngine(load_pipeline(str(c)), max_batch, scheduler, eta, device, dtype)
     pipe = load_pipeline(base)
     if (c / "pytorch_lora_weights.safetensors").exists():
         load_lora(pipe, str(c))
@@ -111,7 +112,7 @@ def _load_engine(base: str, ckpt: str | None, max_batch: int, scheduler: str = "
     else:
         raise EvalInputError(f"{ckpt}: neither LoRA weights, a pipeline, nor a UNet checkpoint")
     pipe.set_progress_bar_config(disable=True)
-    return GuidanceEngine(pipe, max_batch, scheduler, eta)
+    return GuidanceEngine(pipe, max_batch, scheduler, eta, device, dtype)
 
 
 def run_eval(a) -> int:
@@ -137,6 +138,10 @@ def run_eval(a) -> int:
             check_sampler(a.scheduler, a.eta)
         except ParamError as e:
             raise EvalInputError(str(e)) from None
+        try:  # auto: this process's device (under accelerate launch, one GPU per process)
+            device, dtype = placement(str(state.device) if a.device == "auto" else a.device, a.dtype)
+        except ModelLoadError as e:
+            raise EvalInputError(str(e)) from None
         ckpts = _checkpoints(a.model, a.lora, a.run)
         ref, pset = load_reference(a.reference, a.prompts, a.prompts_per_group, a.seed)
         try:
@@ -152,7 +157,7 @@ def run_eval(a) -> int:
                 raise EvalInputError(str(e)) from None
         rows, per_prompt = [], []
         for name, ck in ckpts:
-            engine = _load_engine(a.model, ck, a.max_batch, a.scheduler, a.eta)
+            engine = _load_engine(a.model, ck, a.max_batch, a.scheduler, a.eta, device, dtype)
             for m in methods:
                 images, _, wall, extras = generate_distributed(engine, pset, m, a.num_images, a.steps, a.seed, state,
                                                                detect=(m == "cfg"))

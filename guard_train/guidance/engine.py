@@ -43,7 +43,12 @@ class GenerationResult:
 
 
 class GuidanceEngine:
-    def __init__(self, pipe, max_batch: int = 64, scheduler: str = DEFAULT_SCHEDULER, eta: float = 0.0):
+    def __init__(self, pipe, max_batch: int = 64, scheduler: str = DEFAULT_SCHEDULER, eta: float = 0.0,
+                 device: Optional[str | torch.device] = None, dtype: Optional[torch.dtype] = None):
+        """`device` / `dtype`: move the pipeline there first (None: leave it where it is — e.g. a trainer's
+        in-memory pipeline on its accelerator's device)."""
+        if device is not None or dtype is not None:
+            pipe = pipe.to(device=device, dtype=dtype)
         self.pipe, self.max_batch = pipe, max_batch
         self.unet, self.vae, self.text_encoder, self.tokenizer = pipe.unet, pipe.vae, pipe.text_encoder, pipe.tokenizer
         self.scheduler = make_scheduler(scheduler, pipe.scheduler)  # the pipe's own is left as it is

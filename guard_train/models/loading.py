@@ -7,12 +7,30 @@ import json
 from dataclasses import dataclass
 from pathlib import Path
 
+import torch
 from diffusers import DDPMScheduler, StableDiffusionPipeline
 from safetensors import SafetensorError
 
 
 class ModelLoadError(RuntimeError):
     pass
+
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def placement(device: str = "auto", dtype: str = "fp32") -> tuple[torch.device, torch.dtype]:
+    """Where a pipeline runs: `auto` = the first CUDA device when there is one, else the CPU. fp16 needs CUDA
+    (CPU kernels lack it); bf16 works on both. ModelLoadError names the fix."""
+    if dtype not in DTYPES:
+        raise ModelLoadError(f"dtype {dtype!r} is not one of {', '.join(DTYPES)}")
+    if device == "auto":
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+    if device.startswith("cuda") and not torch.cuda.is_available():
+        raise ModelLoadError(f"device {device!r} asked for, but torch sees no CUDA device here: use --device cpu")
+    if dtype == "fp16" and not device.startswith("cuda"):
+        raise ModelLoadError("fp16 needs a CUDA device; on the CPU use bf16 or fp32")
+    return torch.device(device), DTYPES[dtype]
 
 
 @dataclass
