@@ -3,6 +3,7 @@ import math
 import numpy as np
 import pytest
 import torch
+from conftest import ROOT
 
 from guard_train.attention.processor import end_token_mask
 from guard_train.guidance.base import ParamError
@@ -261,3 +262,19 @@ def test_prepasses_stop_early_and_record_nothing(engine):
     for m in ("opposite_dynamic", "be_opt"):
         res = engine.generate(PROMPTS, method=m, num_images=1, steps=3, seed=4)
         assert res.stats["magnitude"].shape == (2, 3), m
+
+
+def test_summary_generation_equals_diffusers_pipeline_call():
+    """The end-of-run summary generates through the engine (the one generation path); on a DDIM pipeline it is
+    bit-identical to diffusers' own call with the same per-caption generators."""
+    from guard_train.data.images import to_uint8
+    from guard_train.metrics.memorization import generate
+    from guard_train.models.loading import load_pipeline
+
+    pipe = load_pipeline(str(ROOT / "models" / "tiny-sd"))
+    pipe.set_progress_bar_config(disable=True)
+    caps = ["a red circle on a cat photo", "a blue square on a coffee photo"]
+    ref = np.concatenate([to_uint8(pipe(c, num_images_per_prompt=2, num_inference_steps=5, guidance_scale=5.0,
+                                        generator=torch.Generator().manual_seed(7 + k), height=64, width=64,
+                                        output_type="pt").images * 2 - 1) for k, c in enumerate(caps)])
+    assert np.array_equal(generate(pipe, caps, 2, 5, 5.0, 7), ref)

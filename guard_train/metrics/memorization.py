@@ -20,6 +20,7 @@ import torch
 
 from guard_train.data.images import to_model as _to_tensor
 from guard_train.data.images import to_uint8 as _to_u8
+from guard_train.guidance.engine import GuidanceEngine
 from guard_train.metrics.copy import copy_rates, own_similarity
 from guard_train.metrics.embed import Embedder
 from guard_train.models.prediction import to_x0
@@ -61,15 +62,15 @@ def one_step_probe(pipe, images: np.ndarray, captions: list[str], t: int, seed: 
 
 @torch.no_grad()
 def generate(pipe, captions: list[str], n: int, steps: int, guidance: float, seed: int, offset: int = 0) -> np.ndarray:
-    """n images per caption, caption k seeded with seed + offset + k (the papers' per-prompt seeds)."""
+    """n CFG images per caption through the engine (the one generation path; DDIM, η 0), caption k seeded with
+    seed + offset + k (the papers' per-prompt seeds). On a pipeline whose own scheduler is DDIM this is
+    bit-identical to diffusers' `pipe(caption, num_images_per_prompt=n, generator=manual_seed(seed))`."""
     px = pipe.unet.config.sample_size * pipe.vae_scale_factor
-    out = []
-    for k, c in enumerate(captions):
-        g = torch.Generator().manual_seed(seed + offset + k)
-        ims = pipe(c, num_images_per_prompt=n, num_inference_steps=steps, guidance_scale=guidance, generator=g,
-                   height=px, width=px, output_type="pt").images
-        out.append(_to_u8(ims * 2 - 1))
-    return np.concatenate(out) if out else np.zeros((0, px, px, 3), np.uint8)
+    if not captions:
+        return np.zeros((0, px, px, 3), np.uint8)
+    engine = GuidanceEngine(pipe)
+    return engine.generate(captions, method="cfg", num_images=n, steps=steps, guidance_scale=guidance,
+                           seeds=[seed + offset + k for k in range(len(captions))]).images
 
 
 def memorization_summary(pipe, probes: list[Probe], train_images: np.ndarray, train_keys: list[int],
