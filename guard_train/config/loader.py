@@ -185,6 +185,9 @@ def validate(cfg: Config) -> None:
            f"train.timestep_bias_begin must be >= 0 and < train.timestep_bias_end, "
            f"got {t.timestep_bias_begin}, {t.timestep_bias_end}")
     _check(not t.init_lora or t.mode == "lora", "train.init_lora needs train.mode=lora")
+    _check(not t.fsdp or (t.mode == "full" and not t.ema and t.optimizer == "adamw"),
+           "train.fsdp=true shards a full fine-tune: it needs train.mode=full, train.ema=false and "
+           "train.optimizer=adamw")
     if t.init_lora:
         _check(Path(t.init_lora).exists(), f"train.init_lora: {t.init_lora} does not exist (a LoRA dir with "
                "pytorch_lora_weights.safetensors, or the .safetensors file)")

@@ -77,6 +77,9 @@ class TrainConfig:
     max_grad_norm: float = ranged(1.0, gt=0)
     mixed_precision: str = ranged("no", choices=("no", "fp16", "bf16"))  # accelerate's values
     gradient_checkpointing: bool = False
+    # mode=full: shard the UNet over the processes with torch's FSDP2, driven by the loop (training/fsdp.py) —
+    # works on CPU too, where accelerate ignores an FSDP config
+    fsdp: bool = False
     ema: bool = False
     ema_decay: float = ranged(0.9999, gt=0, lt=1)
     noise_offset: float = ranged(0.0, ge=0)

@@ -33,6 +33,7 @@ from guard_train.config.schema import Config
 from guard_train.data import loaders
 from guard_train.models.loading import load_components, read_lora
 from guard_train.training import checkpoint as ckpt
+from guard_train.training import fsdp
 from guard_train.training.hooks import Hooks, StepContext, TrainState
 from guard_train.training.losses import diffusion_target, loss_weights, sample_timesteps, timestep_weights
 from guard_train.training.mitigations import build_hooks
@@ -163,6 +164,7 @@ class Trainer:
                               "the CLI and guard_train.train do), or set eval.every_n_steps=0 eval.every_n_epochs=0 "
                               "eval.at_end=false")
         t = cfg.train
+        self.fsdp = t.fsdp
         if t.mixed_precision == "fp16" and not torch.cuda.is_available():
             raise ConfigError("train.mixed_precision=fp16 needs a GPU; on CPU use bf16 or no")
         # The process group comes up first (PartialState) so that rank 0 can pick the run directory and share it;
@@ -230,6 +232,8 @@ class Trainer:
         for h in self.hooks.loss_weighting:
             if hasattr(h, "setup"):
                 h.setup(unet)
+        if self.fsdp:  # sharded by the loop itself (training/fsdp.py): parameters become DTensor shards
+            fsdp.shard_unet(unet)
         self.params = [p for p in unet.parameters() if p.requires_grad]
         if t.optimizer == "adamw8bit":
             try:
@@ -246,7 +250,11 @@ class Trainer:
         # The prepared scheduler steps once per process per optimizer step (diffusers PR #8312), hence × world.
         sched = get_scheduler(t.lr_scheduler, opt, num_warmup_steps=t.lr_warmup_steps * self.world,
                               num_training_steps=self.max_steps * self.world)
-        self.unet, self.optimizer, self.lr_scheduler = acc.prepare(unet, opt, sched)
+        if self.fsdp:  # FSDP syncs gradients itself (no DDP wrap) and its optimizer state is checkpointed by us
+            self.unet, self.optimizer = unet, opt
+            self.lr_scheduler = acc.prepare_scheduler(sched)
+        else:
+            self.unet, self.optimizer, self.lr_scheduler = acc.prepare(unet, opt, sched)
         self.ema = None
         if t.ema:
             from diffusers.training_utils import EMAModel
@@ -304,6 +312,8 @@ class Trainer:
             shutil.rmtree(tmp)
         acc.wait_for_everyone()
         acc.save_state(str(tmp))
+        if self.fsdp:
+            fsdp.save(self.unet, self.optimizer, tmp / "fsdp")
         torch.save({"gen": self.gen.get_state(), "vae_gen": self.vae_gen.get_state(),
                     "np": self.np_rng.bit_generator.state, "items": self.items_done,
                     "loss_hooks": [h.state_dict() if hasattr(h, "state_dict") else None
@@ -331,6 +341,8 @@ class Trainer:
 
         try:  # every file is loaded weights_only (accelerate's too): a tampered pickle is refused, never run
             self.acc.load_state(str(path))
+            if self.fsdp:
+                fsdp.load(self.unet, self.optimizer, path / "fsdp")
             from accelerate.utils import load as acc_load
 
             # accelerate swallows a failed RNG-state load (resume would silently stop being exact): check it here
@@ -447,9 +459,11 @@ class Trainer:
         """An in-memory StableDiffusionPipeline with the current weights (no save/reload), DDIM sampler."""
         from diffusers import DDIMScheduler, StableDiffusionPipeline
 
+        # sharded: a full copy of the current weights on every rank (a collective — every rank calls pipeline())
+        unet = fsdp.full_copy(self.unet) if self.fsdp else self.acc.unwrap_model(self.unet)
         pipe = StableDiffusionPipeline(
             vae=self.vae, text_encoder=self.text_encoder, tokenizer=self.tokenizer,
-            unet=self.acc.unwrap_model(self.unet), scheduler=DDIMScheduler.from_config(self.noise_scheduler.config),
+            unet=unet, scheduler=DDIMScheduler.from_config(self.noise_scheduler.config),
             safety_checker=None, feature_extractor=None, requires_safety_checker=False,
         )
         pipe.set_progress_bar_config(disable=True)
@@ -554,7 +568,7 @@ class Trainer:
                 0 if reason else self._nonfinite_run)
             self._check_nonfinite_run("losses")
             if reason:  # every rank skips this micro-step together: no hang, no divergent update
-                self.optimizer.zero_grad(set_to_none=True)
+                self._zero_grad()
                 self.metrics[reason] = self.metrics.get(reason, 0) + 1
                 return (logs if reason == "skipped_all_dropped" else {}), reason
             acc.backward(loss)
@@ -562,17 +576,23 @@ class Trainer:
                 norm = acc.clip_grad_norm_(self.params, t.max_grad_norm)
                 # finite loss, non-finite gradients: gradients are already all-reduced here, so every rank sees the
                 # same norm and skips together. fp16 is left to its GradScaler, which skips such steps itself.
-                if t.mixed_precision != "fp16" and norm is not None and not torch.isfinite(torch.as_tensor(norm)):
-                    self.optimizer.zero_grad(set_to_none=True)
+                if t.mixed_precision != "fp16" and norm is not None and not torch.isfinite(fsdp.grad_norm_value(norm)):
+                    self._zero_grad()
                     self._nonfinite_run += 1
                     self.metrics["skipped_nonfinite"] = self.metrics.get("skipped_nonfinite", 0) + 1
                     self._check_nonfinite_run("gradients")
                     return {}, "skipped_nonfinite"
                 self._nonfinite_run = 0
-            self.optimizer.step()
+            if acc.sync_gradients or not self.fsdp:  # a prepared optimizer skips non-sync micro-steps itself
+                self.optimizer.step()
             self.lr_scheduler.step()
-            self.optimizer.zero_grad(set_to_none=True)
+            self._zero_grad()
         return logs, ""
+
+    def _zero_grad(self) -> None:
+        """As a prepared optimizer does: gradients are cleared on sync micro-steps only (accumulation keeps them)."""
+        if self.acc.sync_gradients or not self.fsdp:
+            self.optimizer.zero_grad(set_to_none=True)
 
     def _check_nonfinite_run(self, what: str) -> None:
         if self._nonfinite_run >= self.cfg.train.max_consecutive_nonfinite:
@@ -697,6 +717,7 @@ class Trainer:
         final = self.run_dir / "final"
         tmp = self.run_dir / "final.tmp"  # written whole, then renamed: a killed export never looks complete
         bad = self._gather_bad()
+        full = self.pipeline() if self.fsdp else None  # the gather is a collective: every rank takes part
         if acc.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
             if self.ema is not None:
@@ -709,7 +730,7 @@ class Trainer:
                                                           safe_serialization=True)
                 (tmp / "base_model.txt").write_text(str(self.model_path) + "\n")
             else:
-                self.pipeline().save_pretrained(tmp)
+                (full if full is not None else self.pipeline()).save_pretrained(tmp)
             if self.ema is not None:
                 self.ema.restore(self.params)
             if final.exists():
