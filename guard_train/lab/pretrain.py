@@ -8,6 +8,12 @@ captions apart: its caption embeddings are nearly identical); fine-tuning then f
 Every step sees new images, so the base learns the distribution rather than instances. Weights are kept as an EMA
 (decay 0.999) and exported in diffusers layout; the run can be resumed from its own state or continued from an
 exported model (e.g. the committed one) to add more pretraining time.
+
+Why this is its own loop and not the Trainer's step: pretraining trains the text encoder jointly with the UNet (the
+Trainer freezes it, as SD fine-tuning does), draws an endless single-process stream of fresh scenes (the Trainer
+shards a fixed dataset into epochs across ranks), fits the codec before the first step, and keeps an EMA of both
+models. The two share what defines a step's loss — the regression target (ε or v) and the per-sample loss weights
+(`training/losses.py`); pretraining draws timesteps uniformly, the Trainer's default.
 """
 
 from __future__ import annotations
