@@ -30,7 +30,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 
 import torch  # noqa: E402
 
-from guard_train.eval.evaluate import PromptSet, generate_distributed, reference_and_prompts, score  # noqa: E402
+from guard_train.eval.evaluate import Evaluator, PromptSet, reference_and_prompts  # noqa: E402
 from guard_train.guidance.engine import GuidanceEngine  # noqa: E402
 from guard_train.lab.aligner import LabAligner  # noqa: E402
 from guard_train.lab.dataset import build_lab, read_lab_config, write_imagefolder  # noqa: E402
@@ -131,10 +131,9 @@ def main(argv: list[str] | None = None) -> int:
         row = {"curve": curve, "method": method, "knob": knob, "value": value, "params": params}
         t0 = time.perf_counter()
         for name, ps, n in (("dup", sets["dup"], a.dup_images), ("other", sets["other"], a.other_images)):
-            images, _, wall, _ = generate_distributed(eng, ps, method, n, a.steps, a.seed, None, **params)
-            metrics, _ = score(images, ps, ref, emb, n, 0.5, aligner)
-            row[f"gen_wall_s_{name}"] = wall
-            row.update({f"{g}": m for g, m in metrics["groups"].items() if g != "all"})
+            res = Evaluator(ps, ref, emb, n, a.steps, a.seed, 0.5, aligner).measure(eng, method, **params)
+            row[f"gen_wall_s_{name}"] = res.wall_s
+            row.update({f"{g}": m for g, m in res.metrics["groups"].items() if g != "all"})
         row["point_wall_s"] = time.perf_counter() - t0
         with open(out, "a") as f:
             f.write(json.dumps(row) + "\n")

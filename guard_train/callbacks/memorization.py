@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from guard_train.eval.command import report_html
-from guard_train.eval.evaluate import generate_distributed, grid, load_reference, score
+from guard_train.eval.evaluate import Evaluator, grid, load_reference
 from guard_train.guidance.engine import GuidanceEngine
 from guard_train.metrics.aligners import default_aligner
 from guard_train.metrics.embed import get_embedder
@@ -68,15 +68,14 @@ class MemorizationCallback(Callback):
         try:
             engine = GuidanceEngine(pipe, max_batch=self.cfg.max_batch, scheduler=self.cfg.scheduler, eta=self.cfg.eta)
             params = {"guidance_scale": self.cfg.guidance_scale} if self.cfg.guidance_scale > 0 else {}
+            main = acc.is_main_process
+            ev = Evaluator(self.pset, self.ref, self._embedder() if main else None, self.cfg.images_per_prompt,
+                           self.cfg.steps, self.cfg.seed, self.cfg.copy_threshold, self._aligner() if main else None)
             for method in self.cfg.methods:
-                images, _, wall, extras = generate_distributed(engine, self.pset, method, self.cfg.images_per_prompt,
-                                                               self.cfg.steps, self.cfg.seed, acc,
-                                                               detect=(method == "cfg"), **params)
-                if acc.is_main_process:
-                    metrics, _ = score(images, self.pset, self.ref, self._embedder(), self.cfg.images_per_prompt,
-                                       self.cfg.copy_threshold, self._aligner(), extras=extras)
-                    metrics["wall_s_per_image"] = wall / len(images)
-                    out["methods"][method] = metrics
+                m = ev.measure(engine, method, acc, detect=(method == "cfg"), **params)
+                images = m.images
+                if main:
+                    out["methods"][method] = m.metrics
                     d = Path(state.run_dir) / "memorization" / tag
                     d.mkdir(parents=True, exist_ok=True)
                     Image.fromarray(grid(images, self.pset, self.ref, self.cfg.images_per_prompt)).save(

@@ -33,7 +33,7 @@ from guard_train.config.paths import (
     check_out_dir,
     mark_ours,
 )
-from guard_train.eval.evaluate import EvalInputError, generate_distributed, grid, load_reference, score
+from guard_train.eval.evaluate import EvalInputError, Evaluator, grid, load_reference
 from guard_train.guidance.base import ParamError
 from guard_train.guidance.engine import GuidanceEngine
 from guard_train.guidance.schedulers import check_sampler
@@ -156,18 +156,16 @@ def run_eval(a) -> int:
             except CLIPScoreError as e:
                 raise EvalInputError(str(e)) from None
         rows, per_prompt = [], []
+        ev = Evaluator(pset, ref, embedder, a.num_images, a.steps, a.seed, a.threshold, aligner, clip)
         for name, ck in ckpts:
             engine = _load_engine(a.model, ck, a.max_batch, a.scheduler, a.eta, device, dtype)
             for m in methods:
-                images, _, wall, extras = generate_distributed(engine, pset, m, a.num_images, a.steps, a.seed, state,
-                                                               detect=(m == "cfg"))
+                res = ev.measure(engine, m, state, detect=(m == "cfg"))
                 if main:
-                    metrics, pp = score(images, pset, ref, embedder, a.num_images, a.threshold, aligner, clip, extras)
-                    metrics["wall_s_per_image"] = wall / len(images)
-                    rows.append({"checkpoint": name, "method": m, "metrics": metrics})
-                    per_prompt += [{"checkpoint": name, "method": m, **r} for r in pp]
+                    rows.append({"checkpoint": name, "method": m, "metrics": res.metrics})
+                    per_prompt += [{"checkpoint": name, "method": m, **r} for r in res.per_prompt]
                     mark_ours(out)
-                    Image.fromarray(grid(images, pset, ref, a.num_images)).save(out / f"grid_{name}_{m}.png")
+                    Image.fromarray(grid(res.images, pset, ref, a.num_images)).save(out / f"grid_{name}_{m}.png")
     except (EvalInputError, ModelLoadError) as e:
         if main:
             print(f"error: {e}", file=sys.stderr)

@@ -232,6 +232,44 @@ def score(images: np.ndarray, pset: PromptSet, ref: Reference, embedder, images_
     return metrics, rows
 
 
+@dataclass
+class Measurement:
+    images: np.ndarray  # every generation, prompt-major
+    metrics: Optional[dict]  # per group (+ "all"); None on processes other than the main one
+    per_prompt: Optional[list[dict]]
+    wall_s: float
+
+
+@dataclass
+class Evaluator:
+    """One evaluation — a prompt set, its reference set, the copy embedder and an alignment scorer — measured for
+    any engine and method on one or several processes (generation split across them, scoring on the main one).
+    The memorization callback, `guard-train eval`, the lab benchmark and the trade-off sweep all measure through
+    it; the end-of-run summary's one-step probe is the only other measurement (metrics/memorization.py)."""
+
+    pset: PromptSet
+    ref: Reference
+    embedder: object  # metrics.embed.Embedder; None on processes other than the main one
+    images_per_prompt: int
+    steps: int
+    seed: int = 0
+    threshold: float = 0.5
+    aligner: object = None  # metrics.aligners.Aligner
+    clip: object = None  # metrics.clip_score.CLIPScorer
+
+    def measure(self, engine, method: str, acc=None, detect: bool = False, **params) -> Measurement:
+        """Generate every prompt's images with `method` and score them (`detect`: also record the detection
+        statistics, for localized similarity and the detection AUROC)."""
+        images, _, wall, extras = generate_distributed(engine, self.pset, method, self.images_per_prompt, self.steps,
+                                                       self.seed, acc, detect=detect, **params)
+        if acc is not None and not acc.is_main_process:
+            return Measurement(images, None, None, wall)
+        metrics, rows = score(images, self.pset, self.ref, self.embedder, self.images_per_prompt, self.threshold,
+                              self.aligner, self.clip, extras)
+        metrics["wall_s_per_image"] = wall / len(images)
+        return Measurement(images, metrics, rows, wall)
+
+
 def _nanmean(x: np.ndarray) -> float:
     """Mean of the finite values; NaN (no warning) when there are none, e.g. diversity with one image per prompt."""
     x = np.asarray(x, float)

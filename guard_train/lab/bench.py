@@ -48,7 +48,7 @@ from typing import Optional
 import numpy as np
 
 from guard_train.callbacks import build_callbacks
-from guard_train.eval.evaluate import PromptSet, generate_distributed, grid, reference_and_prompts, score
+from guard_train.eval.evaluate import Evaluator, PromptSet, grid, reference_and_prompts
 from guard_train.guidance.engine import GuidanceEngine
 from guard_train.lab.aligner import committed_scorer
 from guard_train.lab.config import load_config
@@ -143,17 +143,15 @@ def _overrides(size: Size, arm: str, seed: int, out: Path, model: str) -> list[s
 
 def _measure(engine, method: str, ref, pset, size: Size, seed: int, embedder, aligner,
              **params) -> tuple[dict, np.ndarray]:
-    images, _, wall, extras = generate_distributed(engine, pset, method, size.images_per_prompt, size.gen_steps,
-                                                   seed, None, detect=True, **params)
-    metrics, _ = score(images, pset, ref, embedder, size.images_per_prompt, 0.5, aligner, extras=extras)
-    metrics["gen_wall_s"] = wall
-    return metrics, images
+    m = Evaluator(pset, ref, embedder, size.images_per_prompt, size.gen_steps, seed, 0.5, aligner).measure(
+        engine, method, None, detect=True, **params)
+    m.metrics["gen_wall_s"] = m.wall_s
+    return m.metrics, m.images
 
 
 def _save_grid(images, pset, ref, size: Size, path: Path) -> None:
     """Fixed prompts per arm: the first two duplicated and the first two unique captions of the set."""
     from PIL import Image
-
 
     pick = [i for g in ("duplicated", "unique") for i in [k for k, x in enumerate(pset.groups) if x == g][:2]]
     n = size.images_per_prompt

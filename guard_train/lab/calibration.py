@@ -50,7 +50,6 @@ def main(argv: list[str] | None = None) -> int:
     import argparse
     import json
 
-
     p = argparse.ArgumentParser(prog="python -m guard_train.lab.calibration")
     p.add_argument("--instances", type=int, default=96)
     p.add_argument("--backend", default="sscd")

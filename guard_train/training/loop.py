@@ -293,7 +293,6 @@ class Trainer:
         """Load LoRA weights (a dir with pytorch_lora_weights.safetensors, or the file) into the adapter in place."""
         from peft.utils import set_peft_model_state_dict
 
-
         sd, _, _ = read_lora(str(path))  # the same key handling as inference's load_lora
         try:
             res = set_peft_model_state_dict(unet, sd, adapter_name="default")
