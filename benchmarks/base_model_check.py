@@ -39,7 +39,7 @@ def main() -> int:
     ap.add_argument("--images", type=int, default=4)
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--guidance", type=float, default=7.5)
-    ap.add_argument("--out", default="docs/measurements/base_model_check.json")
+    ap.add_argument("--out", default="results/base_model_check.json")
     ap.add_argument("--grid", default="docs/figures/base_samples.png")
     a = ap.parse_args()
     lab = build_lab(LabConfig(num_instances=100 - a.prompts, held_out=a.prompts, dup_fraction=0, seed=123))

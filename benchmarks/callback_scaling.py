@@ -35,7 +35,7 @@ def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--prompts-per-group", type=int, default=8)
     ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--out", default="docs/measurements/callback_scaling.json")
+    ap.add_argument("--out", default="results/callback_scaling.json")
     a = ap.parse_args()
     tmp = Path(tempfile.mkdtemp())
     subprocess.run([PY, "-m", "guard_train.cli", "make-lab", "--out", str(tmp / "lab")], cwd=ROOT, check=True,

@@ -30,7 +30,7 @@ def main() -> int:
     ap.add_argument("--model", default="models/tiny-sd")
     ap.add_argument("--batch", type=int, default=32)
     ap.add_argument("--repeats", type=int, default=20)
-    ap.add_argument("--out", default="docs/measurements/detection_throughput.json")
+    ap.add_argument("--out", default="results/detection_throughput.json")
     a = ap.parse_args()
     eng = GuidanceEngine.from_pretrained(resolve_model_path(a.model))
     prompts = [f"a red circle on a cat photo {i}" for i in range(a.batch)]

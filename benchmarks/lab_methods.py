@@ -42,13 +42,13 @@ def main() -> int:
     ap.add_argument("--steps", type=int, default=50)
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--guidance", type=float, default=None, help="every method's guidance_scale (default: its own)")
-    ap.add_argument("--out", default="docs/measurements/lab_methods.json")
+    ap.add_argument("--out", default="results/lab_methods.json")
     ap.add_argument("--figures", default="docs/figures")
     a = ap.parse_args()
     Path(a.figures).mkdir(parents=True, exist_ok=True)
     ll = LoraLab(a.lora)
     lab_cfg, lab = ll.config, ll.lab
-    calib = json.loads((ROOT / "docs/measurements/lab_calibration_sscd.json").read_text())
+    calib = json.loads((ROOT / "results/lab_calibration_sscd.json").read_text())
     origs, keys, train = lab.originals, ll.keys, ll.originals()
     inst_caption, dup, uniq = ll.caption, ll.dup, ll.uniq
     prompts = [inst_caption[k] for k in dup + uniq]

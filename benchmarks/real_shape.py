@@ -3,7 +3,7 @@ configs (UNet 860M, AutoencoderKL, CLIP ViT-L/14 or OpenCLIP-H text encoder size
 batch 1. Every ratio is measured in one run, arms interleaved round by round.
 
     python benchmarks/real_shape.py --size sd15 [--rounds 3] [--steps 2] [--device cpu|cuda] [--dtype fp32|bf16|fp16]
-        [--out docs/measurements/real_shape_sd15_cpu.json]
+        [--out results/real_shape_sd15_cpu.json]
     python benchmarks/real_shape.py --size tiny      # the same code on a toy config: checks the plumbing in seconds
 
 Measured:

@@ -35,7 +35,7 @@ def main() -> int:
     ap.add_argument("--scales", default="1,3,7.5")
     ap.add_argument("--spacing", default="", help="DDIM timestep_spacing (leading = the model's config, trailing "
                     "= first step at t = 999, Lin et al. 2024 §3.3); default: the model's")
-    ap.add_argument("--out", default="docs/measurements/sampler_copy_probe.json")
+    ap.add_argument("--out", default="results/sampler_copy_probe.json")
     a = ap.parse_args()
     ll = LoraLab(a.lora)
     keys, caption, dup, uniq = ll.keys, ll.caption, ll.dup, ll.uniq

@@ -1,7 +1,7 @@
 """The trade-off figure and the matched-alignment table from a `benchmarks/tradeoff.py` sweep.
 
-    python benchmarks/tradeoff_report.py docs/measurements/tradeoff_v_g3_dup80.jsonl \
-        --figure docs/figures/tradeoff_v_g3.png --table docs/measurements/tradeoff_v_g3_table.md
+    python benchmarks/tradeoff_report.py results/tradeoff_v_g3_dup80.jsonl \
+        --figure docs/figures/tradeoff_v_g3.png --table results/tradeoff_v_g3_table.md
 
 Figure: per method, the duplicated captions' copy rate (Wilson 95 % interval) and top-1 mean against lab alignment,
 one point per knob value, CFG's guidance sweep as the reference curve. Table: each method's copy rate read off its

@@ -34,7 +34,7 @@ def main() -> int:
     ap.add_argument("--lora", default="models/tiny-sd-memorized-lora")
     ap.add_argument("--images", type=int, default=64)
     ap.add_argument("--steps", type=int, default=25)
-    ap.add_argument("--out", default="docs/measurements/uncond_neighbours.json")
+    ap.add_argument("--out", default="results/uncond_neighbours.json")
     a = ap.parse_args()
     ll = LoraLab(a.lora)
     keys, dup = ll.keys, set(ll.dup)

@@ -67,7 +67,7 @@ def main() -> int:
     ap.add_argument("--base", default="models/tiny-sd")
     ap.add_argument("--short", type=int, default=10)
     ap.add_argument("--long", type=int, default=60)
-    ap.add_argument("--out", default="docs/measurements/vs_diffusers_lora.json")
+    ap.add_argument("--out", default="results/vs_diffusers_lora.json")
     ap.add_argument("--no-shim", action="store_true", help="use the installed torchvision")
     a = ap.parse_args()
     script = Path(a.script)

@@ -129,11 +129,13 @@ def _lab(args) -> int:
             shutil.copy(out / f, figs / f"lab_{f}")
         from PIL import Image
 
-        for g in sorted((out / "grids").glob("*.png")):  # docs keep JPEG copies (a quarter of the size)
-            Image.open(g).convert("RGB").save(figs / f"lab_grid_{g.stem}.jpg", "JPEG", quality=92)
+        grids = ROOT_DIR / "results" / "figures"  # measurement artifacts live apart from the docs
+        grids.mkdir(parents=True, exist_ok=True)
+        for g in sorted((out / "grids").glob("*.png")):  # JPEG copies (a quarter of the size)
+            Image.open(g).convert("RGB").save(grids / f"lab_grid_{g.stem}.jpg", "JPEG", quality=92)
         text = header + md.replace("`tradeoff.png`", "`docs/figures/lab_tradeoff.png`").replace(
             "`over_training.png`", "`docs/figures/lab_over_training.png`").replace(
-            "`grids/`", "`docs/figures/lab_grid_*`")
+            "`grids/`", "`results/figures/lab_grid_*`")
         (ROOT_DIR / "docs" / "lab-results.md").write_text(text)
         results = ROOT_DIR / "docs" / "results.md"  # the headline table lives there, not in README
         try:
@@ -160,7 +162,7 @@ def _pretrain_flag(name: str):
 
 
 ROOT_DIR = Path(__file__).resolve().parents[1]
-DOCS_CELLS = ROOT_DIR / "docs" / "measurements" / "lab_cells"
+DOCS_CELLS = ROOT_DIR / "results" / "lab_cells"
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -270,10 +272,11 @@ def main(argv: list[str] | None = None) -> int:
     lb.add_argument("--infer-guidance", type=arg_type(float, POSITIVE), default=None,
                     help="every inference method's guidance_scale (default: each method's own, 7.5)")
     lb.add_argument("--docs", action="store_true",
-                    help="also write docs/lab-results.md, docs/figures/lab_*.png and "
-                         "the headline table in docs/results.md; cells in docs/measurements/lab_cells")
+                    help="also write docs/lab-results.md, docs/figures/lab_{tradeoff,over_training}.png, "
+                         "results/figures/lab_grid_*.jpg and the headline table in docs/results.md; cells in "
+                         "results/lab_cells")
     lb.add_argument("--cells", default="", help="where finished (arm, seed) cells are kept and reused (default: "
-                                                "OUT/cells, or docs/measurements/lab_cells with --docs)")
+                                                "OUT/cells, or results/lab_cells with --docs)")
     stp = sub.add_parser("status", help="what happened to a training run; exit 0 done, 75 preempted (requeue), "
                                         "1 failed or a rank died, 3 running")
     stp.add_argument("run_dir")

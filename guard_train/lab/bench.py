@@ -25,7 +25,7 @@ Design (fixed before looking at results; the lab's own seed is never varied or t
 * Every (arm, seed) cell is written to `cells/` as it finishes; a rerun skips finished cells, so a long run can
   be continued (another session, or after a crash). A cell is reused only when its key matches: the size's
   settings, the copy-metric backend and the fingerprint of the base's (and the inference LoRA's) weights. With
-  `--docs` the cells live in `docs/measurements/lab_cells/`, committed with the tables they make.
+  `--docs` the cells live in `results/lab_cells/`, committed with the tables they make.
 * Verdicts per arm, each against the reference arm (plain / CFG) with one rule — the duplicated-caption mean moved
   beyond the spread of both arms (mean ± std over seeds), in either direction, or not — for three quantities side
   by side: copy rate (the papers' headline), top-1 similarity mean (continuous, shows a shift when copies are too
