@@ -9,12 +9,12 @@
 # The GPU machine has torch, accelerate, transformers, peft, onnxruntime but not diffusers, datasets, omegaconf or
 # the SSCD model: they travel as wheels in .whl/ (see docs/lab-results.md, "GPU run"). Duplicate-aware arms read
 # clusters made beforehand here (runs/gpu_inputs/clusters_420.jsonl: faiss does not travel).
-# Size: the tracked tree (~81 MiB) plus the wheels (~30 MiB) is over the 64 MiB a call carries. Until the tree is
+# Size: the tracked tree (~67 MiB) plus the wheels (~30 MiB) is over the 64 MiB a call carries. Until the tree is
 # smaller, untrack what this run does not read for the call only, then restore the index right after:
-#   git rm -r -q --cached docs/figures models/tiny-sd models/tiny-sd-memorized-lora
-#   printf '/docs/figures/\n/models/tiny-sd/\n/models/tiny-sd-memorized-lora/\n' >> .git/info/exclude
+#   git rm -r -q --cached docs/figures results/figures models/tiny-sd models/tiny-sd-memorized-lora
+#   printf '/docs/figures/\n/results/figures/\n/models/tiny-sd/\n/models/tiny-sd-memorized-lora/\n' >> .git/info/exclude
 #   (device run: bash scripts/device_lab.sh; carry .whl and runs/gpu_inputs)
-#   git reset -q HEAD -- docs/figures models/tiny-sd models/tiny-sd-memorized-lora   # and drop the 3 exclude lines
+#   git reset -q HEAD -- docs/figures results/figures models/tiny-sd models/tiny-sd-memorized-lora   # drop the 4 exclude lines
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/device}
