@@ -50,25 +50,21 @@ ROOT = Path(__file__).resolve().parents[1]
 DOWN = ("CrossAttnDownBlock2D",) * 3 + ("DownBlock2D",)
 UP = ("UpBlock2D",) + ("CrossAttnUpBlock2D",) * 3
 # The public component configs (diffusers' unet/vae config.json of each model; transformers' CLIP text configs).
+SD_UNET = dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
+               block_out_channels=(320, 640, 1280, 1280), down_block_types=DOWN, up_block_types=UP)
+SD_VAE = dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4, sample_size=512,
+              down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4)
+FILTER_LAYER = "down_blocks.1.attentions.1.transformer_blocks.0.attn2"  # Ren et al.'s layer
 SIZES = {
-    "sd15": {"unet": dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                          block_out_channels=(320, 640, 1280, 1280), down_block_types=DOWN, up_block_types=UP,
-                          cross_attention_dim=768, attention_head_dim=8),
+    "sd15": {"unet": dict(**SD_UNET, cross_attention_dim=768, attention_head_dim=8),
              "text": dict(hidden_size=768, intermediate_size=3072, num_hidden_layers=12, num_attention_heads=12,
                           projection_dim=768, hidden_act="quick_gelu"),
-             "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         sample_size=512),
-             "px": 512, "filter_layer": "down_blocks.1.attentions.1.transformer_blocks.0.attn2"},
-    "sd21": {"unet": dict(sample_size=64, in_channels=4, out_channels=4, layers_per_block=2,
-                          block_out_channels=(320, 640, 1280, 1280), down_block_types=DOWN, up_block_types=UP,
-                          cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20), use_linear_projection=True),
+             "vae": SD_VAE, "px": 512, "filter_layer": FILTER_LAYER},
+    "sd21": {"unet": dict(**SD_UNET, cross_attention_dim=1024, attention_head_dim=(5, 10, 20, 20),
+                          use_linear_projection=True),
              "text": dict(hidden_size=1024, intermediate_size=4096, num_hidden_layers=23, num_attention_heads=16,
                           projection_dim=512, hidden_act="gelu"),
-             "vae": dict(block_out_channels=(128, 256, 512, 512), layers_per_block=2, latent_channels=4,
-                         down_block_types=("DownEncoderBlock2D",) * 4, up_block_types=("UpDecoderBlock2D",) * 4,
-                         sample_size=512),
-             "px": 512, "filter_layer": "down_blocks.1.attentions.1.transformer_blocks.0.attn2"},
+             "vae": SD_VAE, "px": 512, "filter_layer": FILTER_LAYER},
     # plumbing check: the same code paths on a toy UNet (seconds on a CPU)
     "tiny": {"unet": dict(sample_size=8, in_channels=4, out_channels=4, layers_per_block=1,
                           block_out_channels=(32, 64), down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
@@ -207,13 +203,7 @@ def time_denoise(pipe, methods: list[str], steps: int, rounds: int, device: str)
     def once(method: str, record: tuple = (), k: int = steps) -> float:
         ctx = eng._context([PROMPT], [0], [PROMPT], 1, [0], k, px, px)
         strategy = get_strategy(method)
-        if "attention" in record:
-            eng.record_mass = set(eng.layers)
-            ctx.stats["mass"] = []
-        if "diff" in record:
-            ctx.stats["diff"] = []
-        if "end_maps" in record:
-            eng.record_maps = {l for l in eng.layers if l.startswith("down_blocks.0.")}
+        eng.start_recording(ctx, record)
         _sync(device)
         t0 = time.perf_counter()
         try:

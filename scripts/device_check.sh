@@ -25,18 +25,7 @@ EXAMPLE=${EXAMPLE:-}
 mkdir -p "$OUT" "$WORK"
 START=$(date +%s)
 left() { echo $((BUDGET - ($(date +%s) - START))); }
-if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed" >&2; exit 2; }
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-PY=${PY:-python3}
-[ -x .venv/bin/python ] && PY=.venv/bin/python
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-{ date -u; nvidia-smi 2>/dev/null || echo "no GPU"; $PY -c "import torch, diffusers, transformers, accelerate, peft; \
-print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, \
-'accelerate', accelerate.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available())"; } > "$OUT/env.txt" 2>&1
-cat "$OUT/env.txt"
+source scripts/device_env.sh "$OUT/env.txt"
 
 if [ "${DRY:-0}" = 1 ]; then
   PRECISIONS=(bf16); STEPS=4; SIZES=(tiny); ROUNDS=2; DEV=cpu

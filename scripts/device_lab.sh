@@ -21,18 +21,7 @@ OUT=${OUT:-runs/device}
 WORK=${WORK:-/tmp/guard_train_device}
 BUDGET=${BUDGET:-480}
 mkdir -p "$OUT" "$WORK"
-if [ -d .whl ] && ! python3 -c "import diffusers" 2>/dev/null; then
-  python3 -m pip install -q --no-index --no-deps --no-compile --no-cache-dir --upgrade --target /tmp/site .whl/*.whl \
-    || { echo "wheel install failed" >&2; exit 2; }
-  export PYTHONPATH=/tmp/site:$PWD
-fi
-PY=${PY:-python3}
-[ -x .venv/bin/python ] && PY=.venv/bin/python
-export HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
-{ date -u; nvidia-smi 2>/dev/null || echo "no GPU"; $PY -c "import torch, diffusers, transformers, accelerate, peft; \
-print('torch', torch.__version__, 'diffusers', diffusers.__version__, 'transformers', transformers.__version__, \
-'accelerate', accelerate.__version__, 'peft', peft.__version__, 'cuda', torch.cuda.is_available())"; } > "$WORK/env.txt" 2>&1
-cat "$WORK/env.txt"
+source scripts/device_env.sh "$WORK/env.txt"
 if [ "${DRY:-0}" = 1 ]; then
   C=(--steps 8 --eval-every 4 --images 2 --prompts 2 --gen-steps 3 --parallel 3 --dry)
   T=(--dry --dup-images 2 --other-images 1 --prompts-per-group 2 --steps 3)

@@ -83,6 +83,17 @@ class GuidanceEngine:
             st.capture, st.capture_maps, st.edit_layers = set(), set(), None
             st.reset()
 
+    def start_recording(self, ctx: GenContext, record: tuple[str, ...] = ()) -> None:
+        """Clear every edit and capture, then record what `record` asks for during the next `run` (see generate)."""
+        self.clear_attention()
+        if "attention" in record:
+            self.record_mass = set(self.layers)
+            ctx.stats["mass"] = []
+        if "diff" in record:
+            ctx.stats["diff"] = []
+        if "end_maps" in record:
+            self.record_maps = {l for l in self.layers if l.startswith("down_blocks.0.")}
+
     # -- text ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
@@ -216,14 +227,7 @@ class GuidanceEngine:
             raise ValueError("seeds must have one entry per prompt")
         ctx = self._context(rows, pidx, prompts, num_images, seeds, steps, height, width, latents)
         ctx.state["seed"] = seed
-        self.clear_attention()
-        if "attention" in record:
-            self.record_mass = set(self.layers)
-            ctx.stats["mass"] = []
-        if "diff" in record:
-            ctx.stats["diff"] = []
-        if "end_maps" in record:
-            self.record_maps = {l for l in self.layers if l.startswith("down_blocks.0.")}
+        self.start_recording(ctx, record)
         try:
             strategy.prepare(ctx)
             x = self.run(ctx, strategy, progress=progress)
