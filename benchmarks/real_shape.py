@@ -38,6 +38,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 
 from guard_train.guidance.engine import GuidanceEngine  # noqa: E402
 from guard_train.guidance.strategies import get_strategy  # noqa: E402
+from guard_train.models.text import encode_text  # noqa: E402
 from guard_train.training.hooks import StepContext  # noqa: E402
 from guard_train.training.mitigations.filters import (  # noqa: E402
     EntropyFilter,
@@ -130,10 +131,7 @@ class TrainArm:
         self.gen = torch.Generator().manual_seed(0)
 
     def encode(self, captions: list[str]) -> torch.Tensor:
-        tok = self.pipe.tokenizer(captions, padding="max_length", max_length=77, truncation=True,
-                                  return_tensors="pt").input_ids.to(self.device)
-        with torch.no_grad():
-            return self.pipe.text_encoder(tok)[0]
+        return encode_text(self.pipe.tokenizer, self.pipe.text_encoder, captions)
 
     def step(self) -> None:
         u = self.unet

@@ -31,6 +31,7 @@ from guard_train.guidance.schedulers import check_eta, make_scheduler, step_kwar
 from guard_train.guidance.strategies import get_strategy
 from guard_train.models.loading import load_lora, load_pipeline
 from guard_train.models.prediction import epsilon_defined, epsilon_difference
+from guard_train.models.text import token_ids
 
 
 @dataclass
@@ -97,9 +98,7 @@ class GuidanceEngine:
     # -- text ----------------------------------------------------------------------------------------------------
     @torch.no_grad()
     def encode(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
-        tok = self.tokenizer(prompts, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt")
-        emb = self.text_encoder(tok.input_ids.to(self.device))[0]
+        emb = self.text_encoder(token_ids(self.tokenizer, prompts, self.device))[0]
         lengths = torch.tensor([len(self.tokenizer(p, truncation=True, max_length=77).input_ids) for p in prompts])
         return emb, lengths
 

@@ -42,6 +42,7 @@ from guard_train.lab.codec import PatchPCACodec
 from guard_train.lab.dataset import pretrain_stream
 from guard_train.lab.tiny_sd import build_tiny_sd, clip_tokenizer, noise_scheduler
 from guard_train.models.loading import ModelLoadError, load_pipeline
+from guard_train.models.text import token_ids
 from guard_train.training.losses import diffusion_target, loss_weights
 
 EVAL_CAPTIONS = (
@@ -238,7 +239,7 @@ def build_base(cfg: PretrainConfig) -> Path:
     while step < cfg.steps:
         batch = list(islice(stream, cfg.batch_size))
         caps = [c if torch.rand((), generator=gen) > cfg.caption_dropout else "" for _, c in batch]
-        ids = tok(caps, padding="max_length", max_length=77, truncation=True, return_tensors="pt").input_ids
+        ids = token_ids(tok, caps)
         with torch.no_grad():
             z = codec.encode(to_tensor([im for im, _ in batch])).latent_dist.sample() * codec.config.scaling_factor
         noise = torch.randn(z.shape, generator=gen)

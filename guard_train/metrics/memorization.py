@@ -24,6 +24,7 @@ from guard_train.guidance.engine import GuidanceEngine
 from guard_train.metrics.copy import copy_rates, own_similarity
 from guard_train.metrics.embed import Embedder
 from guard_train.models.prediction import to_x0
+from guard_train.models.text import encode_text
 
 
 @dataclass
@@ -35,9 +36,7 @@ class Probe:
 
 
 def _encode_text(pipe, captions: list[str]) -> torch.Tensor:
-    tok = pipe.tokenizer(captions, padding="max_length", max_length=pipe.tokenizer.model_max_length,
-                         truncation=True, return_tensors="pt").input_ids.to(pipe.device)
-    return pipe.text_encoder(tok)[0]
+    return encode_text(pipe.tokenizer, pipe.text_encoder, captions)
 
 
 @torch.no_grad()

@@ -32,6 +32,7 @@ from guard_train.config.paths import PathError, check_replaceable, has_content, 
 from guard_train.config.schema import Config
 from guard_train.data import loaders
 from guard_train.models.loading import load_components, read_lora
+from guard_train.models.text import token_ids
 from guard_train.training import checkpoint as ckpt
 from guard_train.training import fsdp
 from guard_train.training.hooks import Hooks, StepContext, TrainState
@@ -416,10 +417,8 @@ class Trainer:
         timesteps = timesteps.to(latents.device)
         noisy = self.noise_scheduler.add_noise(latents, noise, timesteps)
         captions = self._captions(batch["captions"], batch["ids"].tolist())
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(acc.device)
         with torch.no_grad():
-            enc = self.text_encoder(ids)[0]
+            enc = self.text_encoder(token_ids(self.tokenizer, captions, acc.device))[0]
         for tf in self.hooks.embedding_transforms:
             enc = tf(enc, self.gen)
         target = diffusion_target(self.noise_scheduler, latents, noise, timesteps)
@@ -438,9 +437,7 @@ class Trainer:
 
     @torch.no_grad()
     def encode_text(self, captions: list[str]) -> torch.Tensor:
-        ids = self.tokenizer(captions, padding="max_length", max_length=self.tokenizer.model_max_length,
-                             truncation=True, return_tensors="pt").input_ids.to(self.acc.device)
-        return self.text_encoder(ids)[0]
+        return self.text_encoder(token_ids(self.tokenizer, captions, self.acc.device))[0]
 
     def _empty_loss(self) -> torch.Tensor:
         # A rank whose micro-batch had no decodable image still joins the gradient all-reduce, with zero grads.

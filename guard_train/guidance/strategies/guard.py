@@ -42,6 +42,7 @@ import torch
 from guard_train.config.params import ranged
 from guard_train.guidance.base import AttnEdit, Branch, ParamError, Spike, Strategy, cfg_combine, register
 from guard_train.guidance.strategies.prompt_noise import RandomNumber, RandomToken, WordRepeat
+from guard_train.models.text import token_ids
 
 # block presets — the authors' BLOCKS_* groups, by block index, for any UNet with down/mid/up cross-attention:
 # "early" halves are down_blocks 0–1 and up_blocks 0–1, "late" halves down_blocks 2–3 and up_blocks 2–3
@@ -292,10 +293,9 @@ class Guard(Strategy):
 
     def _pooled(self, ctx, texts: list[str]) -> torch.Tensor:
         """Masked mean of the text encoder's hidden states over the non-padding tokens (the gating embedding)."""
-        tok = ctx.engine.tokenizer(texts, padding="max_length", max_length=ctx.engine.tokenizer.model_max_length,
-                                   truncation=True, return_tensors="pt")
+        ids = token_ids(ctx.engine.tokenizer, texts)
         emb, _ = ctx.engine.encode(texts)
-        m = (tok.input_ids != ctx.engine.tokenizer.pad_token_id).float().unsqueeze(-1)
+        m = (ids != ctx.engine.tokenizer.pad_token_id).float().unsqueeze(-1)
         return torch.nn.functional.normalize((emb.float().cpu() * m).sum(1) / m.sum(1).clamp_min(1e-8), dim=-1)
 
     def _prepare_neighbours(self, ctx) -> None:
