@@ -3,7 +3,7 @@ same LoRA, steps and seed on a lab shaped like SD's situation (few duplicated in
 ones), and the memorization callback measures each arm at the same steps with the standard copy rule.
 
     python benchmarks/copying_regime.py --out runs/copying [--steps 8000] [--eval-every 2000] [--parallel 6] \
-        [--arms plain,entropy_filter,...] [--dry]
+        [--arms plain,entropy_filter,...] [--checkpoint-every 1000] [--resume] [--dry]
 
 Design, fixed before running:
 * Base `models/tiny-sd-v` (v-prediction, zero terminal SNR) and the LoRA shape that made its committed memorizing
@@ -42,8 +42,10 @@ LAB = {"num_instances": 420, "cell_split": 2, "dup_fraction": 0.02, "dup_repeats
 def overrides(arm: str, a: argparse.Namespace) -> list[str]:
     kv = {"recipe": "tiny_nomit", "model.path": a.model, "train.mode": "lora", "train.lora_rank": 32,
           "train.lora_alpha": 32, "train.lora_targets": TARGETS, "train.learning_rate": 1e-3,
-          "train.max_steps": a.steps, "train.batch_size": 16, "train.checkpoint_every": 0, "train.seed": a.seed,
-          "run.output_dir": str(Path(a.out) / "runs"), "run.name": _slug(arm), "run.overwrite": "true",
+          "train.max_steps": a.steps, "train.batch_size": 16, "train.checkpoint_every": a.checkpoint_every,
+          "train.checkpoints_total_limit": 1, "train.seed": a.seed,
+          "run.output_dir": str(Path(a.out) / "runs"), "run.name": _slug(arm),
+          **({"resume": "latest"} if a.resume else {"run.overwrite": "true"}),
           "run.report_to": "none", "summary.enabled": "false",
           "eval.every_n_steps": a.eval_every, "eval.methods": "[cfg]", "eval.guidance_scale": a.guidance,
           "eval.prompts_per_group": a.prompts, "eval.images_per_prompt": a.images, "eval.steps": a.gen_steps,
@@ -92,6 +94,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--clusters", default="", help="clusters.jsonl of this lab for the duplicate-aware arms "
                     "(default: each such arm runs dedup at start, which needs faiss)")
     ap.add_argument("--deadline-s", type=float, default=0.0, help="kill the arms still running after this many s")
+    ap.add_argument("--checkpoint-every", type=int, default=1000, help="a resumable checkpoint every N steps (0: none)")
+    ap.add_argument("--resume", action="store_true", help="continue each arm from its latest checkpoint (evaluations "
+                    "already written stay; the resumed run equals an uninterrupted one)")
     ap.add_argument("--dry", action="store_true", help="a 24-instance lab: checks the plumbing")
     a = ap.parse_args(argv)
     out = Path(a.out)
