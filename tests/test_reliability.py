@@ -8,10 +8,11 @@ import pytest
 import torch
 from conftest import PY, ROOT, read_metrics, small_lab_args
 
+from guard_train.callbacks import train  # the loop with the callbacks cfg.eval asks for, as train.py runs it
 from guard_train.lab.config import load_config
 from guard_train.training import checkpoint as ckpt
 from guard_train.training.hooks import Hooks
-from guard_train.training.loop import NonFiniteError, Trainer, train
+from guard_train.training.loop import NonFiniteError, Trainer
 
 
 @pytest.mark.parametrize("sig", [pytest.param(signal.SIGTERM, id="SIGTERM"),
