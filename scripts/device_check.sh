@@ -20,7 +20,9 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/device_check}
 WORK=${WORK:-/tmp/guard_train_check}
 BUDGET=${BUDGET:-450}
-CLUSTERS=${CLUSTERS:-runs/gpu_inputs/clusters_tiny.jsonl}
+# the dry run's small lab makes its own clusters; the GPU run reads those of recipe=tiny's lab, made here beforehand:
+#   train.py recipe=tiny train.max_steps=1 eval.every_n_steps=0 run.name=clusters …; cp …/dedup/clusters.jsonl there
+if [ "${DRY:-0}" = 1 ]; then CLUSTERS=${CLUSTERS:-}; else CLUSTERS=${CLUSTERS:-runs/gpu_inputs/clusters_tiny.jsonl}; fi
 EXAMPLE=${EXAMPLE:-}
 mkdir -p "$OUT" "$WORK"
 START=$(date +%s)
@@ -41,14 +43,14 @@ fi
 # 1. the tiny recipe, one run per precision (the first one also makes the clusters when there are none)
 for MP in "${PRECISIONS[@]}"; do
   SAMPLING=()
-  [ -f "$CLUSTERS" ] && SAMPLING=("mitigation.dup_sampling.clusters=$CLUSTERS")
+  [ -n "$CLUSTERS" ] && [ -f "$CLUSTERS" ] && SAMPLING=("mitigation.dup_sampling.clusters=$CLUSTERS")
   timeout "$(left)" $PY train.py recipe=tiny train.mixed_precision="$MP" train.max_steps=$STEPS train.lr_warmup_steps=0 \
     eval.every_n_steps=$STEPS eval.prompts_per_group=2 eval.images_per_prompt=2 eval.steps=10 summary.enabled=false \
     run.output_dir="$WORK/runs" run.name="tiny_$MP" run.overwrite=true run.report_to=none "${LAB[@]}" "${SAMPLING[@]}" \
     > "$WORK/tiny_$MP.log" 2>&1
   echo "tiny recipe $MP: exit $?" | tee -a "$OUT/summary.txt"
-  [ -f "$CLUSTERS" ] || { [ -f "$WORK/runs/tiny_$MP/dedup/clusters.jsonl" ] && \
-    cp "$WORK/runs/tiny_$MP/dedup/clusters.jsonl" "$OUT/clusters_tiny.jsonl"; }
+  [ -z "$CLUSTERS" ] && [ -f "$WORK/runs/tiny_$MP/dedup/clusters.jsonl" ] && \
+    CLUSTERS="$WORK/runs/tiny_$MP/dedup/clusters.jsonl"  # the next precision reuses them
   for f in metrics.jsonl memorization/step_$(printf %06d $STEPS)/metrics.json entropy_filter_thresholds.json; do
     [ -f "$WORK/runs/tiny_$MP/$f" ] && cp "$WORK/runs/tiny_$MP/$f" "$OUT/tiny_${MP}_$(basename "$f")"
   done
