@@ -14,10 +14,8 @@ def build_callbacks(cfg: Config, hooks: Optional[Hooks] = None) -> Hooks:
     """`hooks` (or empty ones) with the memorization callback added when `cfg.eval` asks for it (every_n_epochs,
     every_n_steps or at_end) and `hooks` holds none yet."""
     h = hooks or Hooks()
-    e = cfg.eval
-    wanted = e.every_n_epochs or e.every_n_steps or e.at_end
-    if wanted and not any(getattr(cb, "measures_memorization", False) for cb in h.callbacks):
-        h.callbacks.append(MemorizationCallback(e))
+    if cfg.eval.wants_callback() and not any(getattr(cb, "measures_memorization", False) for cb in h.callbacks):
+        h.callbacks.append(MemorizationCallback(cfg.eval))
     return h
 
 

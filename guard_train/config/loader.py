@@ -225,7 +225,7 @@ def validate(cfg: Config) -> None:
                f"data.path {d.path!r} does not exist. Give a local copy of the dataset (e.g. LAION-10k as "
                f"parquet or an img2dataset output folder); nothing is downloaded at run time.")
     _check_model_path(cfg.model.path)
-    if e.every_n_epochs or e.every_n_steps or e.at_end:
+    if e.wants_callback():
         _check(d.generated() or bool(e.reference),
                "the memorization callback (eval.every_n_epochs / every_n_steps / at_end) needs its reference set: set "
                "eval.reference to a dataset of the training images (a dir with a manifest.jsonl, or an imagefolder / "

@@ -134,6 +134,10 @@ class EvalConfig:
     reference: str = ""
     prompts: str = ""  # .txt (one prompt per line) or .jsonl ({"prompt", "group", "owner"}); replaces the groups
 
+    def wants_callback(self) -> bool:
+        """Whether these settings ask for the memorization callback during training."""
+        return bool(self.every_n_epochs or self.every_n_steps or self.at_end)
+
 
 @dataclass
 class RunConfig:

@@ -157,9 +157,8 @@ def weighted_loss(per_sample: torch.Tensor, weights: torch.Tensor) -> torch.Tens
 class Trainer:
     def __init__(self, cfg: Config, hooks: Optional[Hooks] = None):
         self.cfg, self.hooks = cfg, build_hooks(cfg.mitigation, hooks)
-        e = cfg.eval
-        if (e.every_n_epochs or e.every_n_steps or e.at_end) and not any(
-                getattr(cb, "measures_memorization", False) for cb in self.hooks.callbacks):
+        if cfg.eval.wants_callback() and not any(getattr(cb, "measures_memorization", False)
+                                                 for cb in self.hooks.callbacks):
             raise ConfigError("eval.every_n_epochs / every_n_steps / at_end ask for the memorization callback, "
                               "which these hooks lack: build them with guard_train.callbacks.build_callbacks(cfg) (as "
                               "the CLI and guard_train.train do), or set eval.every_n_steps=0 eval.every_n_epochs=0 "
