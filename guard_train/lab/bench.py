@@ -46,6 +46,7 @@ from pathlib import Path
 from typing import Optional
 
 import numpy as np
+from transformers import CLIPTokenizer
 
 from guard_train.callbacks import build_callbacks
 from guard_train.eval.evaluate import Evaluator, PromptSet, grid, reference_and_prompts
@@ -53,6 +54,7 @@ from guard_train.guidance.engine import GuidanceEngine
 from guard_train.lab.aligner import committed_scorer
 from guard_train.lab.config import load_config
 from guard_train.lab.dataset import build_lab, read_lab_config, write_imagefolder
+from guard_train.lab.tiny_sd import safetensors_digest
 from guard_train.metrics.copy import wilson
 from guard_train.metrics.embed import get_embedder
 from guard_train.models.loading import load_lora, load_pipeline, lora_base_model, merge_lora
@@ -109,6 +111,9 @@ def _train_arms() -> dict[str, dict]:
 TRAIN_ARMS: dict[str, dict] = _train_arms()
 INFER_ARMS = ("cfg", "guard", "guard_attn", "jain_static", "jain_dynamic", "opposite_static", "opposite_dynamic",
               "ren", "wen_opt", "be_opt", "gni", "random_token")
+# arms whose outcome depends on the whole tokenizer vocabulary (they insert random vocabulary tokens), so their
+# cells also carry its size in the key: a vocabulary-trimmed base keeps every other cell (`weights_fingerprint`)
+VOCABULARY_ARMS = ("random_token", "captions_rc")
 HEADLINE = ("copy_rate", "own_copy_rate", "top1_p95", "top1_mean", "localized_similarity_mean",
             "lab_alignment", "diversity", "nn_is_own")
 COUNTS = ("copies", "own_copies", "n_images")  # pooled over seeds for the Wilson intervals
@@ -245,14 +250,14 @@ def infer_source(lora: Optional[Path], out: Path) -> tuple[Optional[Path], str]:
 
 def weights_fingerprint(model_dir: Path) -> str:
     """sha256 over a model dir's safetensors files (names and bytes): cells made with other weights are not
-    reused, whatever path the model was given by (so committed cells stay valid in another checkout)."""
-    import hashlib
-
-    h = hashlib.sha256()
-    for f in sorted(Path(model_dir).rglob("*.safetensors")):
-        h.update(f.relative_to(model_dir).as_posix().encode())
-        h.update(f.read_bytes())
-    return h.hexdigest()[:16]
+    reused, whatever path the model was given by (so committed cells stay valid in another checkout). A model whose
+    vocabulary was trimmed (`tiny_sd.trim_vocabulary`, recorded in build_info.json) encodes every lab caption
+    bit-identically to the model it was trimmed from, so it keeps that model's fingerprint — unless its bytes
+    changed since; methods that draw random vocabulary tokens name the vocabulary in their key instead."""
+    digest = safetensors_digest(model_dir)
+    info = Path(model_dir) / "build_info.json"
+    vocab = json.loads(info.read_text()).get("vocabulary", {}) if info.exists() else {}
+    return vocab["weights_before"] if vocab.get("weights_after") == digest else digest
 
 
 def run_infer_cell(size: Size, method: str, seed: int, out: Path, data_dir: Path, engine, embedder,
@@ -323,12 +328,16 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
         infer_key["infer_guidance"] = size.infer_guidance
     if Path(base).resolve() != Path(model).resolve():  # a LoRA of another base: that base's weights too
         infer_key["infer_base_weights"] = weights_fingerprint(Path(base))
+    vocab = {kind: len(CLIPTokenizer.from_pretrained(Path(m) / "tokenizer"))
+             for kind, m in (("train", model), ("infer", base))}
     cells, reused = [], 0
 
     def cell(kind: str, arm: str, seed: int, make, needs_model: bool = False) -> dict:
         nonlocal reused
         path = _cell(cells_dir, kind, arm, seed)
         want = key if kind == "train" else infer_key
+        if arm in VOCABULARY_ARMS:
+            want = {**want, "vocabulary": vocab[kind]}
         c = _finished(path, want)
         # a train cell whose model the inference arms still need is reused only while that model exists
         if c is not None and (not needs_model or Path(c["final"]).exists()):

@@ -11,6 +11,7 @@ Everything is a pure function of (config, seed): the same seed gives byte-identi
 
 from __future__ import annotations
 
+import itertools
 import json
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -67,6 +68,16 @@ class Scene:
 
 def _article(words: str) -> str:
     return ("an " if words[0] in "aeiou" else "a ") + words
+
+
+def all_captions() -> Iterator[str]:
+    """Every caption the lab's grammar can write: photo × one or two coloured shapes × template (16,800). These are
+    the texts the embedded tiny SD must encode exactly, so its vocabulary is trimmed to them (`tiny_sd`)."""
+    singles = [(color, kind) for color in COLORS for kind in SHAPES]
+    for photo in photos.PHOTO_NAMES:
+        for combo in itertools.chain(([s] for s in singles), itertools.product(singles, repeat=2)):
+            scene = Scene(photo, tuple(Shape(kind, color, 0, 0, 0) for color, kind in combo))
+            yield from (scene.caption(t) for t in range(len(TEMPLATES)))
 
 
 def random_scene(rng: np.random.Generator, photo: str, px: int) -> Scene:

@@ -39,8 +39,8 @@ from guard_train.config.params import ParamValueError, check_dataclass, ranged
 from guard_train.config.paths import PathError, check_out_dir
 from guard_train.data.images import to_model as to_tensor
 from guard_train.lab.codec import PatchPCACodec
-from guard_train.lab.dataset import pretrain_stream
-from guard_train.lab.tiny_sd import build_tiny_sd, clip_tokenizer, noise_scheduler
+from guard_train.lab.dataset import all_captions, pretrain_stream
+from guard_train.lab.tiny_sd import build_tiny_sd, clip_tokenizer, noise_scheduler, trim_vocabulary
 from guard_train.models.loading import ModelLoadError, load_pipeline
 from guard_train.models.text import token_ids
 from guard_train.training.losses import diffusion_target, loss_weights
@@ -93,6 +93,8 @@ def _export(pipe: StableDiffusionPipeline, ema: EMAModel, out: Path, meta: dict)
     tmp = out.with_name(out.name + ".tmp")
     shutil.rmtree(tmp, ignore_errors=True)
     pipe.save_pretrained(tmp)
+    # the exported model keeps only the tokens lab captions use (bit-identical conditioning; tiny_sd says why)
+    meta = meta | {"vocabulary": trim_vocabulary(tmp, list(all_captions()))}
     (tmp / "build_info.json").write_text(json.dumps(meta, indent=2))
     ema.restore(params)
     if out.exists():

@@ -4,6 +4,7 @@ pretraining) turns captions into conditioning."""
 
 from __future__ import annotations
 
+import numpy as np
 import torch
 
 
@@ -18,3 +19,11 @@ def token_ids(tokenizer, texts: list[str], device: torch.device | str | None = N
 def encode_text(tokenizer, text_encoder, texts: list[str]) -> torch.Tensor:
     """(B, 77, D) last hidden states, on the text encoder's device."""
     return text_encoder(token_ids(tokenizer, texts, text_encoder.device))[0]
+
+
+def random_vocabulary_words(tokenizer, k: int, rng: np.random.Generator) -> list[str]:
+    """k random vocabulary tokens, decoded to text — Somepalli et al.'s random-token perturbation. Ids are drawn
+    below 49,400 as their code does (on CLIP's vocabulary that excludes the last merges and the special tokens);
+    on a smaller vocabulary, below its first special token, so BOS/EOS are never inserted as words."""
+    hi = min(49400, len(tokenizer) - len(set(tokenizer.all_special_ids)))
+    return [tokenizer.decode([int(i)]).strip() or "x" for i in rng.integers(0, hi, size=k)]

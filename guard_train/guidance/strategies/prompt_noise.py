@@ -1,7 +1,7 @@
 """Prompt perturbations — Somepalli et al., "Understanding and Mitigating Copying in Diffusion Models" (NeurIPS
 2023), `sd_mitigation.py` in their released code, each followed by ordinary CFG (w = 7.5):
 * `gni`            Gaussian noise λ·N(0, 1) (λ = 0.1) on the prompt embeddings, both CFG branches.
-* `random_token`   insert 4 random vocabulary tokens (ids < 49400) at random word positions.
+* `random_token`   insert 4 random vocabulary tokens (ids < 49400, never a special token) at random word positions.
 * `word_repeat`    insert 4 words sampled from the prompt at random word positions.
 * `random_number`  insert 4 random integers in [0, 100000) at random word positions.
 Randomness is seeded per prompt and image (the prompt's seed), so outputs are deterministic and do not depend on
@@ -17,6 +17,7 @@ import torch
 
 from guard_train.config.params import ranged
 from guard_train.guidance.base import Strategy, cfg_combine, register
+from guard_train.models.text import random_vocabulary_words
 
 
 @register
@@ -73,8 +74,7 @@ class RandomToken(_Insert):
     name = "random_token"
 
     def words(self, prompt, rng, tok):
-        hi = min(49400, len(tok))
-        return [tok.decode([int(i)]).strip() or "x" for i in rng.integers(0, hi, size=self.p.repeats)]
+        return random_vocabulary_words(tok, self.p.repeats, rng)
 
 
 @register

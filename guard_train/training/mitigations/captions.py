@@ -18,6 +18,7 @@ import numpy as np
 import torch
 
 from guard_train.config.params import ranged
+from guard_train.models.text import random_vocabulary_words
 from guard_train.training.hooks import Hooks
 from guard_train.training.mitigations.base import Mitigation, register
 
@@ -61,11 +62,6 @@ class _LazyCaption:
         return self.fn(caption, item_id, rng)
 
 
-def _random_tokens(tokenizer, k: int, rng: np.random.Generator) -> list[str]:
-    hi = min(49400, len(tokenizer))
-    return [tokenizer.decode([int(i)]).strip() or "x" for i in rng.integers(0, hi, size=k)]
-
-
 def _insert(words: list[str], new: list[str], rng: np.random.Generator) -> list[str]:
     out = list(words)
     for w in new:
@@ -82,9 +78,9 @@ def caption_transform(mode: str, p: float, tokenizer) -> Callable[[str, int, np.
             return caption
         words = caption.split()
         if mode == "rc":
-            return " ".join(_random_tokens(tokenizer, 4, rng))
+            return " ".join(random_vocabulary_words(tokenizer, 4, rng))
         if mode == "rt":
-            return " ".join(_insert(words, _random_tokens(tokenizer, 2, rng), rng))
+            return " ".join(_insert(words, random_vocabulary_words(tokenizer, 2, rng), rng))
         picks = [words[int(i)] for i in rng.integers(0, len(words), size=2)] if words else []
         return " ".join(_insert(words, picks, rng))
 
