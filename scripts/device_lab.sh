@@ -9,12 +9,12 @@
 # The GPU machine has torch, accelerate, transformers, peft, onnxruntime but not diffusers, datasets, omegaconf or
 # the SSCD model: they travel as wheels in .whl/ (see docs/lab-results.md, "GPU run"). Duplicate-aware arms read
 # clusters made beforehand here (runs/gpu_inputs/clusters_420.jsonl: faiss does not travel).
-# Size: the tracked tree (~67 MiB) plus the wheels (~30 MiB) is over the 64 MiB a call carries. Until the tree is
-# smaller, untrack what this run does not read for the call only, then restore the index right after:
-#   git rm -r -q --cached docs/figures results/figures models/tiny-sd models/tiny-sd-memorized-lora
-#   printf '/docs/figures/\n/results/figures/\n/models/tiny-sd/\n/models/tiny-sd-memorized-lora/\n' >> .git/info/exclude
+# Size: the tracked tree (36 MiB) plus the wheels (~30 MiB) is just over the 64 MiB a call carries; untrack the
+# figures (5.8 MB, not read by this run) for the call only, then restore the index right after:
+#   git rm -r -q --cached docs/figures results/figures
+#   printf '/docs/figures/\n/results/figures/\n' >> .git/info/exclude
 #   (device run: bash scripts/device_lab.sh; carry .whl and runs/gpu_inputs)
-#   git reset -q HEAD -- docs/figures results/figures models/tiny-sd models/tiny-sd-memorized-lora   # drop the 4 exclude lines
+#   git reset -q HEAD -- docs/figures results/figures   # and drop the 2 exclude lines
 set -uo pipefail
 cd "$(dirname "$0")/.."
 OUT=${OUT:-runs/device}
