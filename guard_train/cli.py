@@ -7,6 +7,8 @@ import os
 import sys
 from pathlib import Path
 
+from guard_train.config.params import COUNT, NON_NEG, OPEN_UNIT, arg_type, bad_input
+
 
 def _quiet() -> None:
     os.environ.setdefault("HF_HUB_OFFLINE", "1")  # never reach for the hub at run time
@@ -31,12 +33,6 @@ def _register_lab() -> None:
 
 def _drop_kernels_warning(record) -> bool:
     return "kernels" not in record.getMessage()
-
-
-def _error(e: object) -> int:
-    """Bad input: one line on stderr, exit code 2 (never a traceback)."""
-    print(f"error: {e}", file=sys.stderr)
-    return 2
 
 
 def train_main(argv: list[str]) -> int:
@@ -91,115 +87,33 @@ def train_main(argv: list[str]) -> int:
     return 0
 
 
-def _lab(args) -> int:
-    import shlex
-    import shutil
-    import time
-
-    from guard_train.config.loader import resolve_model_path
-    from guard_train.config.paths import PathError, check_out_dir, mark_ours
-    from guard_train.lab.bench import replace_headline, run_lab
-
-    split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
-    try:  # a rerun continues in its own --out (cells/, results.json); a user's folder is refused
-        out = check_out_dir(args.out, own_files=("results.json", "cells", "lab-results.md"))
-    except PathError as e:
-        return _error(e)
-    # --out is created by run_lab once the arguments are valid: bad input writes nothing
-    # the documented table's cells are committed beside it, so any checkout can rebuild or continue that run
-    cells = Path(args.cells) if args.cells else (DOCS_CELLS if args.docs else None)
-    t0 = time.time()
-    try:
-        res = run_lab(args.size, out, [int(x) for x in split(args.seeds)] or None, split(args.arms) or None,
-                      split(args.methods) or None, resolve_model_path(args.model), args.backend,
-                      infer_model=args.infer_model or None, cells_dir=cells, infer_guidance=args.infer_guidance)
-    except ValueError as e:
-        return _error(e)
-    mark_ours(out)
-    cmd = "guard-train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
-    md = (out / "lab-results.md").read_text()
-    header = (f"# Lab benchmark results\n\nCommand: `{cmd}`. Wall time: {res['wall_s_cells'] / 60:.1f} min summed "
-              f"over the {res['cells_total']} (arm, seed) cells; "
-              f"this invocation {res['wall_s_this_invocation'] / 60:.1f}"
-              f" min ({res['cells_reused']} cells reused from an earlier invocation of the same settings).\n\n")
-    (out / "lab-results.md").write_text(header + md)
-    if args.docs:
-        figs = ROOT_DIR / "docs" / "figures"
-        for f in ("tradeoff.png", "over_training.png"):
-            shutil.copy(out / f, figs / f"lab_{f}")
-        from PIL import Image
-
-        grids = ROOT_DIR / "results" / "figures"  # measurement artifacts live apart from the docs
-        grids.mkdir(parents=True, exist_ok=True)
-        for g in sorted((out / "grids").glob("*.png")):  # JPEG copies (a quarter of the size)
-            Image.open(g).convert("RGB").save(grids / f"lab_grid_{g.stem}.jpg", "JPEG", quality=92)
-        text = header + md.replace("`tradeoff.png`", "`docs/figures/lab_tradeoff.png`").replace(
-            "`over_training.png`", "`docs/figures/lab_over_training.png`").replace(
-            "`grids/`", "`results/figures/lab_grid_*`")
-        (ROOT_DIR / "docs" / "lab-results.md").write_text(text)
-        results = ROOT_DIR / "docs" / "results.md"  # the headline table lives there, not in README
-        try:
-            results.write_text(replace_headline(results.read_text(), (out / "headline.md").read_text().rstrip()))
-        except ValueError as e:
-            print(f"warning: docs/results.md headline table not updated: {e}", file=sys.stderr)
-    print(md)
-    print(f"wrote {out}/results.json, lab-results.md, headline.md, tradeoff.png, over_training.png, grids/ "
-          f"({(time.time() - t0) / 60:.1f} min)")
-    return 0
-
-
-def _pretrain_flag(name: str):
-    """A build-base flag's argparse type: PretrainConfig's type and declared range for that field, imported only
-    when the flag is given (the model stack is slow to import; `--help` should not wait for it)."""
-    def conv(text: str):
-        from guard_train.config.params import dataclass_arg_type
-        from guard_train.lab.pretrain import PretrainConfig
-
-        return dataclass_arg_type(PretrainConfig, name)(text)
-
-    conv.__name__ = name
-    return conv
-
-
-ROOT_DIR = Path(__file__).resolve().parents[1]
-DOCS_CELLS = ROOT_DIR / "results" / "lab_cells"
-
-
 def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else argv
     _quiet()  # before anything imports the model stack
-    from guard_train.config.params import COUNT, NON_NEG, OPEN_UNIT, POSITIVE, arg_type
+    parser, commands = build_parser()
+    args, rest = parser.parse_known_args(argv)
+    if args.cmd == "train":
+        return train_main(rest)
+    if rest:
+        parser.error(f"unrecognized arguments: {' '.join(rest)}")
+    return commands[args.cmd](args)
 
-    count, seed = arg_type(int, COUNT), arg_type(int, NON_NEG)  # a bad flag exits 2 at parse time, before any work
+
+def build_parser() -> tuple[argparse.ArgumentParser, dict]:
+    """`guard-train`'s parser and {command: handler(args) -> exit code}; the lab adds its own commands."""
+    from guard_train.lab.cli import add_commands as add_lab_commands
+
     p = argparse.ArgumentParser(prog="guard-train", exit_on_error=True)
     sub = p.add_subparsers(dest="cmd", required=True)
     sub.add_parser("train", help="fine-tune (single process; use `accelerate launch train.py` for several)",
                    add_help=False)
-    b = sub.add_parser("build-base", help="pretrain the embedded tiny SD (offline, long)")
-    # defaults are PretrainConfig's (None = not given), so the CLI and the dataclass cannot drift apart
-    b.add_argument("--out", help="exported model dir (default models/tiny-sd)")
-    b.add_argument("--work", help="resumable trainer state (default runs/build-base)")
-    b.add_argument("--steps", type=_pretrain_flag("steps"))
-    b.add_argument("--minutes", dest="time_budget_min", type=_pretrain_flag("time_budget_min"),
-                   help="time budget; export and stop when reached")
-    b.add_argument("--init-from", help="continue from an exported model dir")
-    b.add_argument("--seed", type=_pretrain_flag("seed"))
-    b.add_argument("--decay-from", type=_pretrain_flag("decay_from"),
-                   help="cosine-decay the lr from this step to --steps")
-    b.add_argument("--lr-min-ratio", type=_pretrain_flag("lr_min_ratio"))
-    b.add_argument("--lr", type=_pretrain_flag("lr"))
-    b.add_argument("--snr-gamma", type=_pretrain_flag("snr_gamma"),
-                   help="min-SNR-γ loss weighting (default 5); 0 = off (uniform)")
-    b.add_argument("--v-weight-cap", type=_pretrain_flag("v_weight_cap"),
-                   help="weight the ε-loss as a v-loss, min(1 + 1/SNR, cap); needs --snr-gamma 0")
-    b.add_argument("--prediction-type", choices=["epsilon", "v_prediction"],
-                   help="train this target; v_prediction converts an ε base (saved in the scheduler config)")
-    b.add_argument("--zero-terminal-snr", action="store_true", default=None,
-                   help="rescale the betas to zero SNR at t = 999 and sample with trailing spacing (needs v)")
-    sc = sub.add_parser("build-scorer", help="train the lab alignment scorer (attribute classifier)")
-    sc.add_argument("--out", default="models/lab-scorer")
-    sc.add_argument("--steps", type=count, default=1500)
-    sc.add_argument("--seed", type=seed, default=0)
+    commands = {}
+    for add in (_add_dedup, _add_generate, _add_detect, _add_eval, _add_status, _add_tables):
+        commands |= add(sub)
+    return p, commands | add_lab_commands(sub)
+
+
+def _add_dedup(sub) -> dict:
     dd = sub.add_parser("dedup", help="find near-duplicate clusters in a training set; writes clusters.jsonl")
     dd.add_argument("--data", required=True, help="dataset path (dir, file or glob)")
     dd.add_argument("--source", default="imagefolder",
@@ -214,28 +128,43 @@ def main(argv: list[str] | None = None) -> int:
     dd.add_argument("--out", required=True)
     dd.add_argument("--manifest", default="", help="lab manifest.jsonl (or the lab dir holding it): also report "
                                                    "precision/recall vs planted groups")
+    return {"dedup": _dedup_cmd}
+
+
+def _sampling_flags(p) -> None:
+    """--num-images / --steps / --seed and the sampler flags, shared by every command that generates."""
+    p.add_argument("--num-images", type=arg_type(int, COUNT), default=4)
+    p.add_argument("--steps", type=arg_type(int, COUNT), default=50)
+    p.add_argument("--seed", type=arg_type(int, NON_NEG), default=0)
+    _sampler_flags(p)
+
+
+def _add_generate(sub) -> dict:
     g = sub.add_parser("generate", help="generate with GUARD or a baseline mitigation; PNGs + generations.jsonl")
     g.add_argument("--model", default="models/tiny-sd")
     g.add_argument("--lora", default="")
     g.add_argument("--prompts", required=True, help="a text file (one prompt per line) or a prompt")
     g.add_argument("--method", default="guard")
     g.add_argument("--param", action="append", default=[], metavar="K=V", help="method hyper-parameter (repeatable)")
-    g.add_argument("--num-images", type=count, default=4)
-    g.add_argument("--steps", type=count, default=50)
-    g.add_argument("--seed", type=seed, default=0)
-    _sampler_flags(g)
-    g.add_argument("--max-batch", type=count, default=64)
+    _sampling_flags(g)
+    g.add_argument("--max-batch", type=arg_type(int, COUNT), default=64)
     g.add_argument("--out", required=True)
+    return {"generate": _generate_cmd}
+
+
+def _add_detect(sub) -> dict:
     de = sub.add_parser("detect", help="memorization detection scores per prompt; CSV + AUROC summary")
     de.add_argument("--model", default="models/tiny-sd")
     de.add_argument("--lora", default="")
     de.add_argument("--prompts", required=True, help="jsonl with prompt + label (1 = memorized), e.g. the lab's "
                                                       "detect_prompts.jsonl")
-    de.add_argument("--num-images", type=count, default=4)
-    de.add_argument("--steps", type=count, default=50)
-    de.add_argument("--seed", type=seed, default=0)
-    _sampler_flags(de)
+    _sampling_flags(de)
     de.add_argument("--out", required=True)
+    return {"detect": _detect_cmd}
+
+
+def _add_eval(sub) -> dict:
+    count = arg_type(int, COUNT)
     ev = sub.add_parser("eval", help="score checkpoints x methods for memorization; --fail-if gates (exit 1)")
     ev.add_argument("--model", default="models/tiny-sd", help="base model")
     ev.add_argument("--lora", action="append", default=[], help="LoRA dir (repeatable)")
@@ -243,10 +172,7 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--prompts", default="", help="jsonl/txt prompts (default: the lab reference's prompt groups)")
     ev.add_argument("--reference", required=True, help="lab dir or dataset of the training images")
     ev.add_argument("--methods", default="cfg,guard")
-    ev.add_argument("--num-images", type=count, default=4)
-    ev.add_argument("--steps", type=count, default=50)
-    ev.add_argument("--seed", type=seed, default=0)
-    _sampler_flags(ev)
+    _sampling_flags(ev)
     ev.add_argument("--prompts-per-group", type=count, default=8)
     ev.add_argument("--threshold", type=arg_type(float, OPEN_UNIT), default=0.5)
     ev.add_argument("--backend", default="sscd", help="sscd | sscd-distilled | sscd-torchscript:<path> | pixel "
@@ -255,148 +181,66 @@ def main(argv: list[str] | None = None) -> int:
     ev.add_argument("--max-batch", type=count, default=64)
     ev.add_argument("--fail-if", action="append", default=[], metavar="COND", help='e.g. "duplicated.copy_rate>0.05"')
     ev.add_argument("--out", required=True)
-    lb = sub.add_parser("lab", help="the memorization lab benchmark: training and inference arms × seeds, one table")
-    lb.add_argument("--size", choices=["smoke", "full"], default="smoke")
-    lb.add_argument("--out", required=True, help="output dir (cells/ are kept: a rerun continues where it stopped)")
-    lb.add_argument("--seeds", default="", help="comma-separated; default: the size's (full: 0,1,2)")
-    lb.add_argument("--arms", default="", help="training arms, comma-separated (default: all)")
-    lb.add_argument("--methods", default="", help="inference arms, comma-separated (default: all)")
-    lb.add_argument("--model", default="models/tiny-sd")
-    lb.add_argument("--backend", default="sscd", help="copy metric: sscd | sscd-distilled | pixel | "
-                                                      "sscd-torchscript:<path> (TorchScript can run code: load only a "
-                                                      "file you trust)")
-    lb.add_argument("--infer-model", default="", help="inference arms' model: a LoRA dir (on the base its "
-                                                      "build_info.json names, else --model), or 'plain' (the "
-                                                      "plain arm of each seed); default: the size's (full: "
-                                                      "models/tiny-sd-memorized-lora, smoke: plain)")
-    lb.add_argument("--infer-guidance", type=arg_type(float, POSITIVE), default=None,
-                    help="every inference method's guidance_scale (default: each method's own, 7.5)")
-    lb.add_argument("--docs", action="store_true",
-                    help="also write docs/lab-results.md, docs/figures/lab_{tradeoff,over_training}.png, "
-                         "results/figures/lab_grid_*.jpg and the headline table in docs/results.md; cells in "
-                         "results/lab_cells")
-    lb.add_argument("--cells", default="", help="where finished (arm, seed) cells are kept and reused (default: "
-                                                "OUT/cells, or results/lab_cells with --docs)")
+    return {"eval": _eval_cmd}
+
+
+def _add_status(sub) -> dict:
     stp = sub.add_parser("status", help="what happened to a training run; exit 0 done, 75 preempted (requeue), "
                                         "1 failed or a rank died, 3 running")
     stp.add_argument("run_dir")
+    return {"status": _status_cmd}
+
+
+def _add_tables(sub) -> dict:
     me = sub.add_parser("methods", help="the inference methods and every parameter: default, range, meaning")
     me.add_argument("--markdown", action="store_true", help="as the Markdown table in docs/inference.md")
     mi = sub.add_parser("mitigations", help="the training mitigations and every key: default, range, meaning")
     mi.add_argument("--markdown", action="store_true", help="as the Markdown table in docs/mitigations.md")
-    lab = sub.add_parser("make-lab", help="write the lab dataset (imagefolder or parquet) with its manifest")
-    lab.add_argument("--out", required=True)
-    lab.add_argument("--format", choices=["imagefolder", "parquet"], default="imagefolder")
-    lab.add_argument("--set", nargs="*", default=[], help="lab options as key=value (see LabConfig)")
-    args, rest = p.parse_known_args(argv)
-    if args.cmd == "train":
-        return train_main(rest)
-    if rest:
-        p.error(f"unrecognized arguments: {' '.join(rest)}")
-    _quiet()
-    if args.cmd == "build-base":
-        from guard_train.config.loader import ConfigError
-        from guard_train.lab.pretrain import PretrainConfig, build_base
+    return {"methods": _methods_cmd, "mitigations": _mitigations_cmd}
 
-        names = ("out", "work", "steps", "time_budget_min", "init_from", "seed", "decay_from", "lr_min_ratio", "lr",
-                 "snr_gamma", "v_weight_cap", "prediction_type", "zero_terminal_snr")
-        cfg = PretrainConfig(**{k: getattr(args, k) for k in names if getattr(args, k) is not None})
-        try:
-            build_base(cfg)  # refuses bad flags, or a loaded model's clashing schedule, before writing anything
-        except ConfigError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
+
+def _eval_cmd(args) -> int:
+    import torch.distributed as dist
+
+    from guard_train.eval.command import run_eval
+
+    _register_lab()
+    rc = run_eval(args)
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+    return rc
+
+
+def _status_cmd(args) -> int:
+    from guard_train.training.status import run_exit_code
+
+    try:
+        code, lines = run_exit_code(Path(args.run_dir))
+    except FileNotFoundError as e:
+        return bad_input(e)
+    print("\n".join(lines))
+    return code
+
+
+def _methods_cmd(args) -> int:
+    from guard_train.guidance import params_doc
+
+    if args.markdown:
+        print(params_doc.markdown())
         return 0
-    if args.cmd == "build-scorer":
-        import json
+    for m in params_doc.METHODS:
+        print(m)
+        for name, typ, default, allowed, doc, _ in params_doc.rows(m):
+            print(f"  {name}: {typ} = {default}  [{allowed}]  {doc}")
+    return 0
 
-        import numpy as np
 
-        from guard_train.config.paths import PathError, check_out_dir
-        from guard_train.lab.aligner import evaluate, train_scorer
-        from guard_train.lab.dataset import LabConfig, build_lab
+def _mitigations_cmd(args) -> int:
+    from guard_train.training.mitigations import table
 
-        try:
-            check_out_dir(args.out, own_files=("model.safetensors",))
-        except PathError as e:
-            return _error(e)
-        aligner = train_scorer(steps=args.steps, seed=args.seed)
-        lab_obj = build_lab(LabConfig(num_instances=96, held_out=0, dup_fraction=0))
-        aligner.info["heldout_lab"] = evaluate(aligner, np.stack(lab_obj.images), [i.caption for i in lab_obj.items])
-        aligner.save(args.out)
-        print(json.dumps(aligner.info, indent=1))
-        return 0
-    if args.cmd == "generate":
-        return _generate_cmd(args)
-    if args.cmd == "mitigations":
-        from guard_train.training.mitigations import table
-
-        print(table.markdown() if args.markdown else table.text())
-        return 0
-    if args.cmd == "methods":
-        from guard_train.guidance import params_doc
-
-        if args.markdown:
-            print(params_doc.markdown())
-        else:
-            for m in params_doc.METHODS:
-                print(m)
-                for name, typ, default, allowed, doc, _ in params_doc.rows(m):
-                    print(f"  {name}: {typ} = {default}  [{allowed}]  {doc}")
-        return 0
-    if args.cmd == "dedup":
-        return _dedup_cmd(args)
-    if args.cmd == "detect":
-        return _detect_cmd(args)
-    if args.cmd == "eval":
-        from guard_train.eval.command import run_eval
-
-        _register_lab()
-        rc = run_eval(args)
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized():
-            dist.barrier()
-            dist.destroy_process_group()
-        return rc
-    if args.cmd == "lab":
-        return _lab(args)
-    if args.cmd == "status":
-        from guard_train.training.status import run_exit_code
-
-        try:
-            code, lines = run_exit_code(Path(args.run_dir))
-        except FileNotFoundError as e:
-            print(f"error: {e}", file=sys.stderr)
-            return 2
-        print("\n".join(lines))
-        return code
-    if args.cmd == "make-lab":
-        from dataclasses import fields
-
-        from guard_train.config.params import field_range, parse, type_hints
-        from guard_train.config.paths import check_out_dir, mark_ours
-        from guard_train.lab.dataset import LabConfig, build_lab, write_imagefolder, write_parquet
-
-        kw = {}
-        known, hints = {f.name: f for f in fields(LabConfig)}, type_hints(LabConfig)
-        try:  # each value parsed and range-checked as LabConfig declares it, then the whole config validated
-            check_out_dir(args.out, own_files=("manifest.jsonl", "train.parquet"))
-            for kv in args.set:
-                k, sep, v = kv.partition("=")
-                if k not in known or not sep:
-                    raise ValueError(f"--set {kv!r}: expected KEY=VALUE with KEY one of {', '.join(known)}")
-                kw[k] = parse(f"--set {k}", v, hints[k], field_range(known[k]))
-            lab_obj = build_lab(LabConfig(**kw))
-        except ValueError as e:
-            return _error(e)
-        mark_ours(Path(args.out))
-        path = write_imagefolder(lab_obj, args.out) if args.format == "imagefolder" else write_parquet(
-            lab_obj, f"{args.out}/train.parquet")
-        print(f"wrote {len(lab_obj.items)} items ({sum(i.is_dup for i in lab_obj.items)} "
-              f"from duplicated instances) to {path}")
-        return 0
-    return 1
+    print(table.markdown() if args.markdown else table.text())
+    return 0
 
 
 def _sampler_flags(p) -> None:
@@ -447,7 +291,7 @@ def _generate_cmd(args) -> int:
         res = engine.generate(prompts, method=args.method, num_images=args.num_images, seed=args.seed,
                               steps=args.steps, progress=True, **params)
     except (ParamError, ModelLoadError, PathError, ConfigError) as e:
-        return _error(e)
+        return bad_input(e)
     mark_ours(out)
     lines = []
     for img, rec in zip(res.images, res.records):
@@ -502,13 +346,13 @@ def _detect_cmd(args) -> int:
         if args.lora:
             check_lora_input(args.lora, "--lora")
     except (PathError, ConfigError) as e:
-        return _error(e)
+        return bad_input(e)
     try:
         device, dtype = placement(args.device, args.dtype)
         eng = GuidanceEngine.from_pretrained(model, lora=args.lora or None, scheduler=args.scheduler, eta=args.eta,
                                              device=device, dtype=dtype)
     except ModelLoadError as e:
-        return _error(e)
+        return bad_input(e)
     scores, per_prompt_s = detect(eng, prompts, args.num_images, args.steps, args.seed)
     mark_ours(out)
     with open(out / "scores.csv", "w", newline="") as f:
@@ -548,11 +392,11 @@ def _dedup_cmd(args) -> int:
         mark_ours(out)
         res = run_dedup(imgs, ids, caps, args.backend, args.threshold, cache=out / "cache")
     except (DataError, FileNotFoundError) as e:
-        return _error(e if args.data in str(e) else f"--data {args.data!r}: {e}")
+        return bad_input(e if args.data in str(e) else f"--data {args.data!r}: {e}")
     except PathError as e:
-        return _error(e)
+        return bad_input(e)
     except ValueError as e:  # the backend's own refusal (e.g. a TorchScript file that is not SSCD)
-        return _error(f"--backend {args.backend!r}: {e}")
+        return bad_input(f"--backend {args.backend!r}: {e}")
     res.write(out)
     summ = {**res.summary(), "undecodable": len(bad), "wall_s": round(time.time() - t0, 1)}
     if truth is not None:

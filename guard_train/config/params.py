@@ -169,6 +169,14 @@ def arg_type(tp: type, rng: Optional[Range] = None) -> Callable[[str], Any]:
     return conv
 
 
+def bad_input(e: object) -> int:
+    """A command's answer to bad input: one line on stderr, exit code 2 (never a traceback)."""
+    import sys
+
+    print(f"error: {e}", file=sys.stderr)
+    return 2
+
+
 def dataclass_arg_type(cls: type, name: str) -> Callable[[str], Any]:
     """The argparse `type=` of a dataclass field (its type and declared range): a flag that sets that field."""
     f = next(f for f in fields(cls) if f.name == name)
