@@ -331,8 +331,9 @@ def _detect_cmd(args) -> int:
 
     from guard_train.config.loader import ConfigError, check_model_arg
     from guard_train.config.paths import PathError, check_lora_input, check_out_dir, mark_ours, read_jsonl_input
+    from guard_train.eval.evaluate import detection_scores
     from guard_train.guidance.engine import GuidanceEngine
-    from guard_train.metrics.detection import detect, summarize
+    from guard_train.metrics.detection import summarize
     from guard_train.models.loading import ModelLoadError, placement
 
     try:
@@ -353,7 +354,7 @@ def _detect_cmd(args) -> int:
                                              device=device, dtype=dtype)
     except ModelLoadError as e:
         return bad_input(e)
-    scores, per_prompt_s = detect(eng, prompts, args.num_images, args.steps, args.seed)
+    scores, per_prompt_s = detection_scores(eng, prompts, args.num_images, args.steps, args.seed)
     mark_ours(out)
     with open(out / "scores.csv", "w", newline="") as f:
         w = csv.writer(f)

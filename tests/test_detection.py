@@ -44,13 +44,19 @@ def test_scores_from_stats_hand_built():
 
 
 def test_detect_end_to_end_on_tiny_model(tiny_sd_dir):
+    from guard_train.eval.evaluate import detection_scores
     from guard_train.guidance.engine import GuidanceEngine
-    from guard_train.metrics.detection import SCORES, detect
+    from guard_train.metrics.detection import SCORES
 
     eng = GuidanceEngine.from_pretrained(str(tiny_sd_dir))
-    scores, per_prompt_s = detect(eng, ["a red circle on a cat photo", "a blue square"], images_per_prompt=2, steps=12)
+    scores, per_prompt_s = detection_scores(eng, ["a red circle on a cat photo", "a blue square"], 2, steps=12)
     assert set(scores) == set(SCORES) and all(v.shape == (2,) and np.isfinite(v).all() for v in scores.values())
     assert per_prompt_s > 0
+    # the same numbers as scoring one direct recording generation of both prompts (seed + prompt index)
+    both = eng.generate(["a red circle on a cat photo", "a blue square"], num_images=2, steps=12,
+                        record=("attention", "diff", "end_maps"))
+    direct = scores_from_stats(both.stats, 2)
+    assert all(np.allclose(scores[k], direct[k], rtol=1e-4, atol=1e-6) for k in SCORES)
     plain = eng.generate(["a red circle on a cat photo"], num_images=2, steps=12)
     rec = eng.generate(["a red circle on a cat photo"], num_images=2, steps=12,
                        record=("attention", "diff", "end_maps"))

@@ -171,6 +171,16 @@ def generate_distributed(engine, pset: PromptSet, method: str, images_per_prompt
     return images, records, wall, extras
 
 
+def detection_scores(engine, prompts: list[str], images_per_prompt: int, steps: int, seed: int = 0,
+                     acc=None) -> tuple[dict[str, np.ndarray], float]:
+    """Every detection score (metrics/detection.py) per prompt, from one recording CFG generation per prompt on
+    the path every measurement takes (split over processes with `acc`); returns (scores, wall seconds per
+    prompt)."""
+    pset = PromptSet(list(prompts), ["prompt"] * len(prompts), [-1] * len(prompts))
+    _, _, wall, extras = generate_distributed(engine, pset, "cfg", images_per_prompt, steps, seed, acc, detect=True)
+    return extras["detection"], wall / max(1, len(prompts))
+
+
 def score(images: np.ndarray, pset: PromptSet, ref: Reference, embedder, images_per_prompt: int,
           threshold: float = 0.5, aligner=None, clip=None, extras: Optional[dict] = None) -> tuple[dict, list[dict]]:
     """Metrics per group (+ "all") and one row per prompt. With `extras` from a detecting generation: localized
@@ -245,7 +255,8 @@ class Evaluator:
     """One evaluation — a prompt set, its reference set, the copy embedder and an alignment scorer — measured for
     any engine and method on one or several processes (generation split across them, scoring on the main one).
     The memorization callback, `guard-train eval`, the lab benchmark and the trade-off sweep all measure through
-    it; the end-of-run summary's one-step probe is the only other measurement (metrics/memorization.py)."""
+    it, and `guard-train detect` generates through the same `generate_distributed` (`detection_scores`); the
+    end-of-run summary's one-step probe is the only other measurement (metrics/memorization.py)."""
 
     pset: PromptSet
     ref: Reference

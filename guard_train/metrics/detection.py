@@ -9,13 +9,13 @@
         cross-attention layers, H_pad = −Σ_{k ≥ L−1} p_k log p_k (first EOS and padding, not renormalised).
 * Bright Ending LD (Chen et al., ICLR 2025): LD_t = ‖(ε_c − ε_u) ⊙ m‖₂ / mean(m), m the end-token mask of the
   last step (same generation), averaged over steps and generations.
+The scores come from the statistics one recording generation leaves (`scores_from_stats`); the generation itself is
+the evaluator's (`eval.evaluate.detection_scores`), the same path every measurement takes.
 Summaries (`summarize`): AUROC, TPR at the ROC point whose FPR is closest to 1/3/5/10 % (Ren's script), best
 accuracy over thresholds — scikit-learn.
 """
 
 from __future__ import annotations
-
-import time
 
 import numpy as np
 import torch
@@ -55,20 +55,6 @@ def scores_from_stats(stats: dict, images_per_prompt: int, ren_layer: int = 3) -
         ld = (d * m[None]).flatten(2).norm(dim=2) / m.flatten(1).mean(1).clamp_min(1e-12)[None]
         out["be_LD"] = per_prompt(ld.mean(0))
     return out
-
-
-def detect(engine, prompts: list[str], images_per_prompt: int = 4, steps: int = 50, seed: int = 0,
-           batch_prompts: int = 16, guidance_scale: float = 7.5) -> tuple[dict[str, np.ndarray], float]:
-    """All scores for all prompts; returns (scores, wall seconds per prompt)."""
-    parts: dict[str, list] = {}
-    t0 = time.perf_counter()
-    for i in range(0, len(prompts), batch_prompts):
-        chunk = prompts[i : i + batch_prompts]
-        res = engine.generate(chunk, method="cfg", num_images=images_per_prompt, steps=steps, seed=seed + i,
-                              record=("attention", "diff", "end_maps"), guidance_scale=guidance_scale)
-        for k, v in scores_from_stats(res.stats, images_per_prompt).items():
-            parts.setdefault(k, []).append(v)
-    return {k: np.concatenate(v) for k, v in parts.items()}, (time.perf_counter() - t0) / max(1, len(prompts))
 
 
 def summarize(scores: np.ndarray, labels: np.ndarray) -> dict:
