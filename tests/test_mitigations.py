@@ -221,6 +221,32 @@ def test_dedup_finds_planted_groups():
     assert len(np.unique(res.caption_group)) == 24  # dup_both: identical captions grouped per instance
 
 
+def _planted(n_base: int, groups: int, k: int, seed: int = 0) -> tuple[np.ndarray, np.ndarray]:
+    """Unit vectors: n_base random ones, the first `groups` each with k-1 noisy copies (cosine ≈ 0.86 to it)."""
+    rng = np.random.default_rng(seed)
+    base = rng.standard_normal((n_base, 64)).astype(np.float32)
+    x = np.concatenate([base, np.repeat(base[:groups], k - 1, 0) + 0.45 * rng.standard_normal(
+        (groups * (k - 1), 64)).astype(np.float32)])
+    return x / np.linalg.norm(x, axis=1, keepdims=True), np.concatenate([np.arange(n_base), np.repeat(
+        np.arange(groups), k - 1)])
+
+
+def test_cell_join_is_exact_when_every_item_is_in_every_cell_and_finds_planted_pairs_otherwise():
+    from guard_train.data.dedup import pairs_cell_join, pairs_sscd
+
+    x, _ = _planted(3000, 60, 4)
+    exact = pairs_sscd(x, 0.6, "flat")
+    assert len(exact) >= 60 * 6  # every planted pair (4 choose 2 per group), perhaps a chance pair more
+    # 12 cells, each item in all 12: the join compares every pair once — the flat search's answer exactly
+    everything = pairs_cell_join(x, 0.6, cells_per_item=12, items_per_cell=250)
+    assert np.array_equal(everything, np.unique(np.sort(exact, 1), axis=0))
+    # the default redundancy: a subset of the exact pairs (no false pair) that holds the planted ones
+    join = pairs_cell_join(x, 0.6)
+    found = {tuple(p) for p in join.tolist()}
+    assert found <= {tuple(p) for p in np.sort(exact, 1).tolist()}
+    assert len(found) / len(exact) >= 0.99  # the recall goal at scale (benchmarks/dedup_scale.py)
+
+
 def test_pairwise_precision_recall_hand_computed():
     from guard_train.data.dedup import pairwise_precision_recall
 

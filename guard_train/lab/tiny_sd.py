@@ -209,7 +209,7 @@ def trim_vocabulary(model_dir: str | Path, texts: list[str], batch: int = 512, e
     d = Path(model_dir)
     spec = json.loads((d / "tokenizer" / "tokenizer.json").read_text(encoding="utf-8"))
     old_tok = CLIPTokenizer.from_pretrained(d / "tokenizer")
-    encoder = CLIPTextModel.from_pretrained(d / "text_encoder").eval()
+    encoder = CLIPTextModel.from_pretrained(d / "text_encoder", use_safetensors=True).eval()
     new_spec, old_ids = _trimmed_tokenizer_spec(spec, texts)
     if len(old_ids) == len(spec["model"]["vocab"]):
         return {"vocab_size": len(old_ids), "trimmed": False}
