@@ -66,7 +66,7 @@ def pairs_sscd(emb: np.ndarray, threshold: float, index: str = "auto") -> np.nda
     return np.stack([src[keep], nbr[keep]], 1)
 
 
-def pairs_cell_join(x: np.ndarray, threshold: float, cells_per_item: int = 3, items_per_cell: int = 250,
+def pairs_cell_join(x: np.ndarray, threshold: float, cells_per_item: int = 8, items_per_cell: int = 250,
                     block: int = 2048, seed: int = 0) -> np.ndarray:
     """Pairs with inner product ≥ threshold among items that share a k-means cell, each item placed in its
     `cells_per_item` nearest cells (spherical k-means, ~`items_per_cell` items per cell on average).
@@ -74,15 +74,17 @@ def pairs_cell_join(x: np.ndarray, threshold: float, cells_per_item: int = 3, it
     Why a self-join and not N range searches: every query of an all-pairs search is also a database item, so the
     work can be done cell by cell as one matrix product of the cell's members with themselves (BLAS), instead of N
     scans of the probed lists. A near-duplicate pair is missed only if the two items have no cell in common among
-    their nearest few — the redundancy `cells_per_item` > 1 buys; benchmarks/dedup_scale.py measures the recall.
+    their nearest few — the redundancy `cells_per_item` > 1 buys. On isotropic 512-d data with planted pairs at
+    cosine 0.74 (benchmarks/dedup_scale.py; real embeddings cluster, which helps): 100k items, recall 0.964 with 3
+    cells, 0.993 with 4, 1.0 with 6; 1M items, 0.986 with 6, 0.998 with 8 (the default; 196 s on 2 CPU cores).
     Every reported pair's similarity is exact (precision 1 before clustering)."""
     import faiss
 
     n, d = x.shape
     nlist = max(1, n // items_per_cell)
     rng = np.random.default_rng(seed)
-    km = faiss.Kmeans(d, nlist, niter=10, seed=seed, spherical=True, max_points_per_centroid=64)
-    km.train(x[rng.choice(n, min(n, 64 * nlist), replace=False)] if n > 64 * nlist else x)
+    km = faiss.Kmeans(d, nlist, niter=8, seed=seed, spherical=True, max_points_per_centroid=32)
+    km.train(x[rng.choice(n, 32 * nlist, replace=False)] if n > 32 * nlist else x)  # cells need not be optimal
     _, cell = km.index.search(x, min(cells_per_item, nlist))  # (n, m) nearest centroids
     flat = cell.ravel()
     order = np.argsort(flat, kind="stable")
