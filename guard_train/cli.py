@@ -372,27 +372,32 @@ def _detect_cmd(args) -> int:
 
 def _dedup_cmd(args) -> int:
     import json
+    import shutil
     import time
 
     from guard_train.config.paths import PathError, check_out_dir, mark_ours
-    from guard_train.data.dedup import load_images_for_dedup, pairwise_precision_recall, run_dedup
+    from guard_train.data.dedup import dedup_dataset, pairwise_precision_recall
     from guard_train.data.loaders import DataError, build_dataset, image_transform
 
     t0 = time.time()
+    fresh = False
     try:  # the backend, the output and the manifest are checked before any image is decoded or embedded
         out = check_out_dir(args.out, own_files=("clusters.jsonl", "dedup_summary.json"))
         _check_dedup_backend(args.backend)
         truth = _read_manifest_arg(args.manifest) if args.manifest else None
         ds = build_dataset(args.source, args.data, args.image_column, args.caption_column, args.id_column,
                            image_transform(256, True, False))
-        imgs, ids, caps, bad = load_images_for_dedup(ds)
-        missing = [int(i) for i in ids if truth is not None and int(i) not in truth]
+        missing = [int(i) for i in ds.item_ids() if truth is not None and int(i) not in truth]
         if missing:
             raise DataError(f"--manifest {args.manifest!r} does not list items {missing[:5]} of --data; give the "
                             f"manifest of this dataset")
-        mark_ours(out)
-        res = run_dedup(imgs, ids, caps, args.backend, args.threshold, cache=out / "cache")
+        fresh = not out.exists()
+        mark_ours(out)  # embeddings stream chunk by chunk into out/cache: a rerun resumes at the first missing one
+        res, bad = dedup_dataset(ds, args.backend, args.threshold, cache=out / "cache")
+        ids = res.ids
     except (DataError, FileNotFoundError) as e:
+        if fresh and out.exists():  # no image could be decoded: leave nothing behind
+            shutil.rmtree(out)
         return bad_input(e if args.data in str(e) else f"--data {args.data!r}: {e}")
     except PathError as e:
         return bad_input(e)

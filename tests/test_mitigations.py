@@ -247,6 +247,33 @@ def test_cell_join_is_exact_when_every_item_is_in_every_cell_and_finds_planted_p
     assert len(found) / len(exact) >= 0.99  # the recall goal at scale (benchmarks/dedup_scale.py)
 
 
+def test_embedding_streams_in_chunks_and_resumes_from_its_cache(tmp_path, monkeypatch):
+    import guard_train.data.dedup as dd
+    from guard_train.data.loaders import build_dataset, image_transform
+    from guard_train.lab.dataset import LabConfig, build_lab, write_imagefolder
+
+    lab = build_lab(LabConfig(num_instances=12, dup_fraction=0.25, dup_repeats=3, held_out=0))
+    write_imagefolder(lab, tmp_path / "lab")
+    (tmp_path / "lab" / "train" / "broken.png").write_bytes(b"not an image")
+    meta = tmp_path / "lab" / "train" / "metadata.jsonl"
+    meta.write_text(meta.read_text() + '{"file_name": "broken.png", "text": "x", "id": 999}\n')
+    ds = build_dataset("imagefolder", str(tmp_path / "lab"), "image", "text", "id", image_transform(256, True, False))
+    whole = dd.embed_dataset(ds, "pixel")  # one chunk, no cache
+    calls = []
+    real = dd.embed_images
+    monkeypatch.setattr(dd, "embed_images", lambda imgs, b: calls.append(len(imgs)) or real(imgs, b))
+    cache = tmp_path / "cache"
+    parts = dd.embed_dataset(ds, "pixel", cache, chunk=5)
+    assert np.array_equal(parts[0], whole[0]) and np.array_equal(parts[1], whole[1]) and parts[2] == whole[2]
+    assert parts[3] == whole[3] == [(999, parts[3][0][1])]  # the undecodable item is reported, not embedded
+    assert sum(calls) == len(ds) - 1 and len(list(cache.glob("chunk_*.npz"))) == -(-len(ds) // 5)
+    # an interrupted run: one chunk file lost — only that chunk is embedded again, the rest is read back
+    sorted(cache.glob("chunk_*.npz"))[1].unlink()
+    calls.clear()
+    again = dd.embed_dataset(ds, "pixel", cache, chunk=5)
+    assert calls == [5] and all(np.array_equal(a, b) for a, b in zip(again[:2], whole[:2])) and again[3] == whole[3]
+
+
 def test_pairwise_precision_recall_hand_computed():
     from guard_train.data.dedup import pairwise_precision_recall
 

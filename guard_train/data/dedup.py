@@ -183,13 +183,22 @@ def embed_images(images: np.ndarray, backend: str) -> np.ndarray:
     return get_embedder(backend).embed(images)
 
 
+def default_threshold(backend: str, threshold: float = 0.0) -> float:
+    """cosine ≥ τ for SSCD (default 0.6), Hamming ≤ r bits for phash (default 8)."""
+    return threshold or (8 if backend == "phash" else 0.6)
+
+
+def dedup_embeddings(emb: np.ndarray, ids: np.ndarray, captions: list, backend: str,
+                     threshold: float = 0.0) -> DedupResult:
+    """Clusters from embeddings (SSCD vectors or pHash bits) and the captions' groups."""
+    threshold = default_threshold(backend, threshold)
+    pairs = pairs_hamming(emb, int(threshold)) if backend == "phash" else pairs_sscd(emb, threshold)
+    return DedupResult(np.asarray(ids), cluster_labels(len(ids), pairs), caption_labels(captions), backend, threshold)
+
+
 def run_dedup(images: np.ndarray, ids: np.ndarray, captions: list, backend: str = "sscd", threshold: float = 0.0,
               cache: Path | None = None) -> DedupResult:
-    """threshold: cosine ≥ τ for SSCD (default 0.6), Hamming ≤ r bits for phash (default 8)."""
-    if backend == "phash":
-        threshold = threshold or 8
-    else:
-        threshold = threshold or 0.6
+    """Dedup images already in memory (embeddings cached under `cache`, keyed by a sample of the pixels)."""
     key = hashlib.sha1(images.tobytes()[:: max(1, images.size // 4_000_000)] + backend.encode()).hexdigest()[:16]
     emb = None
     if cache is not None and (cache / f"emb_{key}.npy").exists():
@@ -199,8 +208,72 @@ def run_dedup(images: np.ndarray, ids: np.ndarray, captions: list, backend: str 
         if cache is not None:
             cache.mkdir(parents=True, exist_ok=True)
             np.save(cache / f"emb_{key}.npy", emb)
-    pairs = pairs_hamming(emb, int(threshold)) if backend == "phash" else pairs_sscd(emb, threshold)
-    return DedupResult(np.asarray(ids), cluster_labels(len(ids), pairs), caption_labels(captions), backend, threshold)
+    return dedup_embeddings(emb, ids, captions, backend, threshold)
+
+
+def dedup_dataset(ds, backend: str = "sscd", threshold: float = 0.0, cache: Path | None = None,
+                  chunk: int = 1024) -> tuple[DedupResult, list]:
+    """Dedup a dataset of any size: embedded chunk by chunk (`embed_dataset`), clustered from the embeddings alone.
+    Returns the result and the (id, error) list of undecodable items."""
+    emb, ids, caps, bad = embed_dataset(ds, backend, cache, chunk)
+    return dedup_embeddings(emb, ids, caps, backend, threshold), bad
+
+
+def embed_dataset(ds, backend: str, cache: Path | None = None, chunk: int = 1024,
+                  ) -> tuple[np.ndarray, np.ndarray, list, list]:
+    """Embed every decodable item of an ImageCaptionDataset (built with a 256-px transform), `chunk` items at a
+    time → (embeddings, ids, captions, undecodable (id, error) list). Only the embeddings stay in memory (a million
+    SSCD vectors are 2 GB; the images would be 200 GB). Each finished chunk is written under `cache`, named by the
+    backend and the chunk's item ids, so an interrupted run resumes at the first missing chunk; a progress bar
+    counts the items."""
+    from tqdm.auto import tqdm
+
+    all_ids = [int(i) for i in ds.item_ids()]
+    parts = []
+    with tqdm(total=len(ds), desc=f"embedding ({backend})", unit="img", disable=None) as bar:
+        for start in range(0, len(ds), chunk):
+            stop = min(start + chunk, len(ds))
+            parts.append(_embedded_chunk(ds, range(start, stop), all_ids[start:stop], backend, cache))
+            bar.update(stop - start)
+    bad = [b for p in parts for b in p["bad"]]
+    if not any(len(p["ids"]) for p in parts):
+        first = f" (item {bad[0][0]}: {bad[0][1]})" if bad else ""
+        raise DataError(f"none of the {len(bad)} images could be decoded{first}; check that the files are images")
+    parts = [p for p in parts if len(p["ids"])]
+    return (np.concatenate([p["emb"] for p in parts]), np.concatenate([p["ids"] for p in parts]),
+            [c for p in parts for c in p["caps"]], bad)
+
+
+def _embedded_chunk(ds, indices: range, ids: list[int], backend: str, cache: Path | None) -> dict:
+    key = hashlib.sha1(f"{backend}|{','.join(map(str, ids))}".encode()).hexdigest()[:16]
+    path = cache / f"chunk_{indices.start:09d}_{key}.npz" if cache is not None else None
+    if path is not None and path.exists():
+        z = np.load(path, allow_pickle=False)
+        bad = [tuple(b) for b in json.loads(str(z["bad"]))]
+        return {"emb": z["emb"], "ids": z["ids"], "caps": z["caps"].tolist(), "bad": bad}
+    imgs, got, caps, bad = _decode(ds, indices)
+    bad = [(int(i), str(e)) for i, e in bad]
+    emb = embed_images(np.stack(imgs), backend) if imgs else np.zeros((0, 1), np.float32)
+    part = {"emb": emb, "ids": np.asarray(got, dtype=np.int64), "caps": caps, "bad": bad}
+    if path is not None:
+        cache.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(path.stem + ".tmp.npz")
+        np.savez(tmp, emb=emb, ids=part["ids"], caps=np.array(caps, dtype=str), bad=json.dumps(bad))
+        os.replace(tmp, path)  # a chunk file is complete or absent
+    return part
+
+
+def _decode(ds, indices) -> tuple[list[np.ndarray], list[int], list[str], list]:
+    imgs, ids, caps, bad = [], [], [], []
+    for i in indices:
+        r = ds[i]
+        if "error" in r:
+            bad.append((r["id"], r["error"]))
+            continue
+        imgs.append(((r["pixel_values"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
+        ids.append(r["id"])
+        caps.append(r["caption"])
+    return imgs, ids, caps, bad
 
 
 def pairwise_precision_recall(pred: np.ndarray, truth: np.ndarray) -> dict:
@@ -217,18 +290,9 @@ def pairwise_precision_recall(pred: np.ndarray, truth: np.ndarray) -> dict:
 
 def load_images_for_dedup(ds, size: int = 256) -> tuple[np.ndarray, np.ndarray, list, list]:
     """Decode every item of an ImageCaptionDataset (built with a `size` transform) → uint8 images, ids, captions,
-    and the (id, error) list of undecodable items."""
-    imgs, ids, caps, bad = [], [], [], []
-    for i in range(len(ds)):
-        r = ds[i]
-        if "error" in r:
-            bad.append((r["id"], r["error"]))
-            continue
-        imgs.append(((r["pixel_values"].permute(1, 2, 0) + 1) * 127.5).round().clamp(0, 255).byte().numpy())
-        ids.append(r["id"])
-        caps.append(r["caption"])
+    and the (id, error) list of undecodable items (all in memory: for reference sets, not LAION-scale data)."""
+    imgs, ids, caps, bad = _decode(ds, range(len(ds)))
     if not imgs:  # np.stack would fail with "need at least one array to stack"
-
         first = f" (item {bad[0][0]}: {bad[0][1]})" if bad else ""
         raise DataError(f"none of the {len(bad)} images could be decoded{first}; check that the files are images")
     return np.stack(imgs), np.asarray(ids), caps, bad

@@ -21,7 +21,7 @@ from typing import ClassVar
 import numpy as np
 
 from guard_train.config.params import ranged
-from guard_train.data.dedup import load_images_for_dedup, read_clusters, run_dedup
+from guard_train.data.dedup import dedup_dataset, read_clusters
 from guard_train.data.loaders import ImageCaptionDataset, image_transform
 from guard_train.training.hooks import Hooks
 from guard_train.training.mitigations.base import Mitigation, register
@@ -144,8 +144,7 @@ class DupAwareSamplerFactory(_WeightedSamplerFactory):
 
 
 def _dedup_dataset(dataset, d: DupSamplingConfig, out: Path) -> None:
-    view = ImageCaptionDataset(len(dataset), dataset.get, image_transform(256, True, False))
-    imgs, ids, caps, _ = load_images_for_dedup(view)
-    res = run_dedup(imgs, ids, caps, d.backend, d.threshold, cache=out / "cache")
+    view = ImageCaptionDataset(len(dataset), dataset.get, image_transform(256, True, False), ids=dataset.item_ids)
+    res, _ = dedup_dataset(view, d.backend, d.threshold, cache=out / "cache")
     res.write(out)
     (out / "dedup_summary.json").write_text(json.dumps(res.summary(), indent=1))
