@@ -133,6 +133,7 @@ def main(argv: list[str] | None = None) -> int:
         for name, ps, n in (("dup", sets["dup"], a.dup_images), ("other", sets["other"], a.other_images)):
             res = Evaluator(ps, ref, emb, n, a.steps, a.seed, 0.5, aligner).measure(eng, method, **params)
             row[f"gen_wall_s_{name}"] = res.wall_s
+            row[f"per_prompt_{name}"] = res.per_prompt  # lets the report choose settings on a validation split
             row.update({f"{g}": m for g, m in res.metrics["groups"].items() if g != "all"})
         row["point_wall_s"] = time.perf_counter() - t0
         with open(out, "a") as f:

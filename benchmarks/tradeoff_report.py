@@ -8,6 +8,12 @@ one point per knob value, CFG's guidance sweep as the reference curve. Table: ea
 curve at CFG's alignment (CFG at the sweep's guidance scale) and at 0.9× it — linear interpolation between the two
 points that bracket the target alignment, the interval interpolated the same way from the points' Wilson bounds —
 or "never reaches" where the curve's best alignment is below the target.
+
+No tuning on the test captions (`--validated`): the duplicated captions are split in two (even / odd positions in
+the prompt set). Each method's setting is chosen on the validation half — of the sweep points whose validation
+alignment is at least the target (CFG's alignment on the same half, or 0.9× it), the one with the fewest
+validation copies (ties: the higher alignment) — and reported on the test half only, with its Wilson interval.
+Needs the per-prompt rows `tradeoff.py` writes (sweeps made before they existed have none).
 """
 
 from __future__ import annotations
@@ -18,6 +24,8 @@ import sys
 from pathlib import Path
 
 import numpy as np
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 
 def load(path: Path) -> tuple[dict[str, list[dict]], dict]:
@@ -76,6 +84,52 @@ def table(curves: dict[str, list[dict]], guidance: float) -> tuple[str, dict]:
     return "\n".join(lines), out
 
 
+def halves(r: dict) -> dict[str, dict]:
+    """Validation (even positions) and test (odd) aggregates of a point's duplicated captions."""
+    rows = [x for x in r.get("per_prompt_dup") or [] if x["group"] == "duplicated"]
+    if len(rows) < 2:
+        raise ValueError("this sweep has no per-prompt rows; rerun it with the current benchmarks/tradeoff.py")
+    n = r["duplicated"]["n_images"] // len(rows)  # images per caption
+    out = {}
+    for name, part in (("validation", rows[0::2]), ("test", rows[1::2])):
+        k = sum(x["copies"] for x in part)
+        out[name] = {"alignment": float(np.mean([x["lab_alignment"] for x in part])), "copies": k,
+                     "n": n * len(part), "captions": len(part)}
+    return out
+
+
+def validated(curves: dict[str, list[dict]], guidance: float) -> tuple[str, dict]:
+    """Each method's setting chosen on the validation captions, its copy rate reported on the test captions."""
+    from guard_train.metrics.copy import wilson
+
+    cfg = next((r for r in curves.get("cfg", []) if r["value"] == guidance), None)
+    if cfg is None:
+        raise SystemExit(f"no CFG point at guidance {guidance}: the table's reference alignment is missing")
+    ref = halves(cfg)
+    lines = [f"CFG at guidance {guidance:g}, validation captions: alignment {ref['validation']['alignment']:.3f}; "
+             f"test captions: {ref['test']['copies']}/{ref['test']['n']} copies.", "",
+             "| method (knob) | target | chosen on validation | test copy rate | test alignment |",
+             "|---|---|---|---|---|"]
+    out: dict = {}
+    for name, rows in curves.items():
+        for f in (1.0, 0.9):
+            target = f * ref["validation"]["alignment"]
+            ok = [(h, r) for r in rows for h in [halves(r)] if h["validation"]["alignment"] >= target]
+            if not ok:
+                best = max(halves(r)["validation"]["alignment"] for r in rows)
+                out.setdefault(name, {})[str(f)] = {"reached": False, "best_validation_alignment": best}
+                lines.append(f"| {name} ({rows[0]['knob']}) | {f:g}× | never reaches (best {best:.3f}) | — | — |")
+                continue
+            h, r = min(ok, key=lambda hr: (hr[0]["validation"]["copies"], -hr[0]["validation"]["alignment"]))
+            t = h["test"]
+            lo, hi = wilson(t["copies"], t["n"])
+            out.setdefault(name, {})[str(f)] = {"reached": True, "value": r["value"], "test": t, "ci95": [lo, hi]}
+            lines.append(f"| {name} ({r['knob']}) | {f:g}× | {r['knob']} = {r['value']} | "
+                         f"{100 * t['copies'] / t['n']:.1f} % [{100 * lo:.1f}, {100 * hi:.1f}] | "
+                         f"{t['alignment']:.3f} |")
+    return "\n".join(lines), out
+
+
 def figure(curves: dict[str, list[dict]], path: Path, title: str) -> None:
     import matplotlib
 
@@ -108,10 +162,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--figure", default="")
     ap.add_argument("--table", default="")
     ap.add_argument("--guidance", type=float, default=None, help="CFG reference point (default: the sweep's)")
+    ap.add_argument("--validated", action="store_true",
+                    help="settings chosen on half of the duplicated captions, copy rates on the other half")
     a = ap.parse_args(argv)
     curves, meta = load(Path(a.sweep))
     g = a.guidance if a.guidance is not None else meta.get("guidance", 3.0)
-    md, data = table(curves, g)
+    md, data = (validated if a.validated else table)(curves, g)
     print(md)
     if a.table:
         Path(a.table).write_text(md + "\n")
