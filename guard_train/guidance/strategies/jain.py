@@ -62,8 +62,9 @@ class JainDynamic(Strategy):
 
     def combine(self, eps, i, t, ctx):
         d = ctx.state["d"]
-        d.append((eps["uncond"] - eps["cond"]).flatten(1).norm(dim=1).cpu())
-        tp = ctx.state["transition_step"]
+        # the statistic and the transition stay on the UNet's device: no host sync per step on a GPU
+        d.append((eps["uncond"] - eps["cond"]).flatten(1).norm(dim=1))
+        tp = ctx.state["transition_step"] = ctx.state["transition_step"].to(d[-1].device)
         if len(d) >= 3:
             found = (d[-2] < d[-3]) & (d[-1] > d[-2]) & (tp < 0)
             tp[found] = i
