@@ -23,6 +23,7 @@ import os
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 from pathlib import Path
 
@@ -38,6 +39,7 @@ from transformers import CLIPTextConfig, CLIPTextModel, CLIPTokenizer  # noqa: E
 
 from guard_train.guidance.engine import GuidanceEngine  # noqa: E402
 from guard_train.guidance.strategies import get_strategy  # noqa: E402
+from guard_train.lab.tiny_sd import clip_tokenizer  # noqa: E402
 from guard_train.models.text import encode_text  # noqa: E402
 from guard_train.training.hooks import StepContext  # noqa: E402
 from guard_train.training.mitigations.filters import (  # noqa: E402
@@ -82,6 +84,16 @@ DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
 PROMPT = "a photograph of an astronaut riding a horse"
 
 
+def clip_bpe() -> CLIPTokenizer:
+    """CLIP's full BPE (rebuilt from the open-clip-torch wheel, as the tiny SD was); where that wheel is absent (the
+    GPU machine), the tiny SD's tokenizer, trimmed to the lab's tokens. Costs do not depend on which: every prompt
+    is padded to SD's 77 tokens."""
+    try:
+        return clip_tokenizer(tempfile.mkdtemp())
+    except FileNotFoundError:
+        return CLIPTokenizer.from_pretrained(ROOT / "models" / "tiny-sd" / "tokenizer")
+
+
 def build(size: str, device: str, dtype: torch.dtype) -> StableDiffusionPipeline:
     """Random weights in the real component shapes (seeded), as a pipeline the engine can drive."""
     s = SIZES[size]
@@ -89,7 +101,7 @@ def build(size: str, device: str, dtype: torch.dtype) -> StableDiffusionPipeline
     unet = UNet2DConditionModel(**s["unet"])
     vae = AutoencoderKL(**s["vae"])
     text = CLIPTextModel(CLIPTextConfig(vocab_size=49408, max_position_embeddings=77, **s["text"]))
-    tok = CLIPTokenizer.from_pretrained(ROOT / "models" / "tiny-sd" / "tokenizer")  # CLIP's BPE vocabulary
+    tok = clip_bpe()
     sched = DDIMScheduler(beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear", clip_sample=False,
                           set_alpha_to_one=False, steps_offset=1)
     pipe = StableDiffusionPipeline(vae=vae, text_encoder=text, tokenizer=tok, unet=unet, scheduler=sched,
@@ -249,6 +261,7 @@ def main(argv: list[str] | None = None) -> int:
     SIZES_PX[id(pipe)] = SIZES[a.size]["px"]
     params = {k: sum(p.numel() for p in getattr(pipe, k).parameters()) for k in ("unet", "vae", "text_encoder")}
     res: dict = {"size": a.size, "device": a.device, "dtype": a.dtype, "batch": 1, "px": SIZES[a.size]["px"],
+                 "tokenizer": f"CLIP BPE, {len(pipe.tokenizer)} tokens (every prompt padded to 77)",
                  "parameters": params, "rounds": a.rounds, "goals": {
                      "entropy_filter step ÷ plain": "<= 1.03", "entropy_filter peak memory ÷ plain": "<= 1.10",
                      "guard ÷ cfg": "<= 1.50", "guard_attn, ren, jain_dynamic ÷ cfg": "<= 1.05"}}
