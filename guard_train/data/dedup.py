@@ -237,8 +237,7 @@ def embed_dataset(ds, backend: str, cache: Path | None = None, chunk: int = 1024
             bar.update(stop - start)
     bad = [b for p in parts for b in p["bad"]]
     if not any(len(p["ids"]) for p in parts):
-        first = f" (item {bad[0][0]}: {bad[0][1]})" if bad else ""
-        raise DataError(f"none of the {len(bad)} images could be decoded{first}; check that the files are images")
+        raise _none_decoded(bad)
     parts = [p for p in parts if len(p["ids"])]
     return (np.concatenate([p["emb"] for p in parts]), np.concatenate([p["ids"] for p in parts]),
             [c for p in parts for c in p["caps"]], bad)
@@ -261,6 +260,11 @@ def _embedded_chunk(ds, indices: range, ids: list[int], backend: str, cache: Pat
         np.savez(tmp, emb=emb, ids=part["ids"], caps=np.array(caps, dtype=str), bad=json.dumps(bad))
         os.replace(tmp, path)  # a chunk file is complete or absent
     return part
+
+
+def _none_decoded(bad: list) -> DataError:
+    first = f" (item {bad[0][0]}: {bad[0][1]})" if bad else ""
+    return DataError(f"none of the {len(bad)} images could be decoded{first}; check that the files are images")
 
 
 def _decode(ds, indices) -> tuple[list[np.ndarray], list[int], list[str], list]:
@@ -293,6 +297,5 @@ def load_images_for_dedup(ds, size: int = 256) -> tuple[np.ndarray, np.ndarray, 
     and the (id, error) list of undecodable items (all in memory: for reference sets, not LAION-scale data)."""
     imgs, ids, caps, bad = _decode(ds, range(len(ds)))
     if not imgs:  # np.stack would fail with "need at least one array to stack"
-        first = f" (item {bad[0][0]}: {bad[0][1]})" if bad else ""
-        raise DataError(f"none of the {len(bad)} images could be decoded{first}; check that the files are images")
+        raise _none_decoded(bad)
     return np.stack(imgs), np.asarray(ids), caps, bad

@@ -168,15 +168,16 @@ def _trimmed_tokenizer_spec(spec: dict, texts: list[str]) -> tuple[dict, list[in
     merges = [tuple(m) if isinstance(m, list) else tuple(m.split(" ")) for m in model["merges"]]
     ranks = {m: r for r, m in enumerate(merges)}
     backend = Tokenizer.from_str(json.dumps(spec))
+    specials = {t["content"] for t in spec["added_tokens"]}
     used: set[tuple[str, str]] = set()
     for text in texts:
         for piece, _ in backend.pre_tokenizer.pre_tokenize_str(backend.normalizer.normalize_str(text)):
-            if piece in {t["content"] for t in spec["added_tokens"]}:
+            if piece in specials:
                 continue
             used |= _bpe_merges([*piece[:-1], piece[-1] + model["end_of_word_suffix"]], ranks)
     suffix = model["end_of_word_suffix"]
     chars = {t for t in model["vocab"] if len(t) == 1 or (len(t) == 1 + len(suffix) and t.endswith(suffix))}
-    keep = chars | {a + b for a, b in used} | {t["content"] for t in spec["added_tokens"]}
+    keep = chars | {a + b for a, b in used} | specials
     old_ids = sorted(model["vocab"][t] for t in keep)  # old order: characters first, specials last
     new_id = {old: new for new, old in enumerate(old_ids)}
     out = json.loads(json.dumps(spec))
