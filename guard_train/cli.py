@@ -387,7 +387,7 @@ def _dedup_cmd(args) -> int:
         truth = _read_manifest_arg(args.manifest) if args.manifest else None
         ds = build_dataset(args.source, args.data, args.image_column, args.caption_column, args.id_column,
                            image_transform(256, True, False))
-        missing = [int(i) for i in ds.item_ids() if truth is not None and int(i) not in truth]
+        missing = [int(i) for i in ds.item_ids() if int(i) not in truth] if truth is not None else []
         if missing:
             raise DataError(f"--manifest {args.manifest!r} does not list items {missing[:5]} of --data; give the "
                             f"manifest of this dataset")

@@ -328,8 +328,8 @@ def run_lab(size_name: str, out: Path, seeds: Optional[list[int]] = None, arms: 
         infer_key["infer_guidance"] = size.infer_guidance
     if Path(base).resolve() != Path(model).resolve():  # a LoRA of another base: that base's weights too
         infer_key["infer_base_weights"] = weights_fingerprint(Path(base))
-    vocab = {kind: len(CLIPTokenizer.from_pretrained(Path(m) / "tokenizer"))
-             for kind, m in (("train", model), ("infer", base))}
+    sizes = {m: len(CLIPTokenizer.from_pretrained(m / "tokenizer")) for m in {Path(x).resolve() for x in (model, base)}}
+    vocab = {"train": sizes[Path(model).resolve()], "infer": sizes[Path(base).resolve()]}
     cells, reused = [], 0
 
     def cell(kind: str, arm: str, seed: int, make, needs_model: bool = False) -> dict:
