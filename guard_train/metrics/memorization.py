@@ -62,8 +62,10 @@ def one_step_probe(pipe, images: np.ndarray, captions: list[str], t: int, seed: 
 @torch.no_grad()
 def generate(pipe, captions: list[str], n: int, steps: int, guidance: float, seed: int, offset: int = 0) -> np.ndarray:
     """n CFG images per caption through the engine (the one generation path; DDIM, η 0), caption k seeded with
-    seed + offset + k (the papers' per-prompt seeds). On a pipeline whose own scheduler is DDIM this is
-    bit-identical to diffusers' `pipe(caption, num_images_per_prompt=n, generator=manual_seed(seed))`."""
+    seed + offset + k (the papers' per-prompt seeds). On a pipeline whose own scheduler is DDIM a caption's images are
+    bit-identical to diffusers' `pipe(caption, num_images_per_prompt=n, generator=manual_seed(seed))` when they are
+    the whole batch; batched with other captions, a pixel may move by one level on CPUs whose kernels round by
+    batch size."""
     px = pipe.unet.config.sample_size * pipe.vae_scale_factor
     if not captions:
         return np.zeros((0, px, px, 3), np.uint8)
