@@ -155,3 +155,27 @@ def test_sdpa_edit_path_equals_explicit_path():
         plain = u(*x).sample
     assert torch.allclose(fast, slow, atol=1e-5)
     assert not torch.allclose(fast, plain, atol=1e-4)
+
+
+@pytest.mark.parametrize("rows", [[False, True, False], [True, True, True], [False, False, False]])
+def test_spike_split_path_equals_explicit_path(rows):
+    """A spike edit alone computes explicit attention for its rows only; the other rows stay on SDPA and equal the
+    default processor's. Same output and spike counts as the all-explicit path (forced here by a capture)."""
+    u = _unet(SD2_LIKE, lora=True)
+    x = _inputs(u, 2)
+    x = tuple(torch.cat([t, t[:1]]) for t in x)  # 3 rows
+    layers = cross_attention_layers(u)
+    with torch.no_grad():
+        default = u(*x).sample
+        st = install(u, layers[:2])
+        st.spike = SpikeEdit(rows=torch.tensor(rows), tau=0.1, scale=0.3)
+        split = u(*x).sample
+        fired = {k: v.clone() for k, v in st.spikes_fired.items()}
+        st.capture = set(layers[:2])  # forces the explicit path on every row
+        explicit = u(*x).sample
+    assert torch.allclose(split, explicit, atol=1e-5)
+    assert fired.keys() == st.spikes_fired.keys() and all(torch.equal(fired[k], st.spikes_fired[k]) for k in fired)
+    keep = ~torch.tensor(rows)
+    assert torch.allclose(split[keep], default[keep], atol=1e-6)
+    if any(rows):
+        assert not torch.allclose(split[~keep], default[~keep], atol=1e-4)

@@ -220,22 +220,26 @@ def _same(a, b) -> bool:
     return torch.equal(a.latents, b.latents)
 
 
-def test_neutral_settings_give_exactly_the_default(engine, default, tmp_path):
+def test_neutral_settings_give_the_default(engine, default, tmp_path):
     # the prompt as its own single neighbour, read from a file: the neighbour path equals the default path
     f = tmp_path / "nb.json"
     f.write_text(json.dumps({p: [p] for p in PROMPTS}))
     assert _same(_gen(engine, neighbors=str(f)), default)
-    # dynamic heads that select every head (per block, fraction 1) change nothing
-    assert _same(_gen(engine, dynamic_heads=True, scout_steps=2, heads_global=0.0, heads_per_block=1.0), default)
-    # a basin threshold no step falls under keeps the repulsion on
-    assert _same(_gen(engine, basin_beta=1e-9), default)
+    # dynamic heads that select every head (per block, fraction 1) change nothing (up to float noise: their scout
+    # steps capture per-head statistics, so every row takes the explicit path there, where the default keeps the
+    # unedited rows on SDPA; and 1e-4 is also the bound the penalty-vs-off check below uses)
+    heads = _gen(engine, dynamic_heads=True, scout_steps=2, heads_global=0.0, heads_per_block=1.0)
+    assert torch.allclose(heads.latents, default.latents, atol=1e-4)
+    # a basin threshold no step falls under keeps the repulsion on (float noise again: the basin captures the
+    # end-token mass, so its layers compute every row explicitly)
+    assert torch.allclose(_gen(engine, basin_beta=1e-9).latents, default.latents, atol=1e-4)
     # explicit preset names and the full window are the defaults
     assert _same(_gen(engine, blocks="BLOCKS_EARLY", edit_start=0.0, edit_end=1.0, edit_schedule="constant"), default)
     # an additive penalty of 0 is no edit, like spike_edit=off (explicit softmax there vs SDPA here: float noise)
     pen, off = _gen(engine, spike_edit="penalty", spike_penalty=0.0), _gen(engine, spike_edit="off")
     assert torch.allclose(pen.latents, off.latents, atol=1e-4)
     # leaving the basin at every step is no repulsion
-    assert _same(_gen(engine, basin_beta=1e9), _gen(engine, repulsion_scale=0.0))
+    assert torch.allclose(_gen(engine, basin_beta=1e9).latents, _gen(engine, repulsion_scale=0.0).latents, atol=1e-4)
 
 
 def test_every_option_changes_the_images(engine, default, tmp_path):

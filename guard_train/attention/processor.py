@@ -17,7 +17,8 @@ Installed on selected `attn2` layers (by module name or by execution order: down
 When the state asks nothing of a layer, the processor calls diffusers' `AttnProcessor2_0` (SDPA), so instrumented
 but idle layers cost nothing and match the default exactly. Mask and logit-scale edits alone also stay on SDPA
 (scaling logit column k equals scaling key k); only captures and GUARD's spike statistic compute attention
-explicitly.
+explicitly — and a spike edit alone does so for its own rows only: the batch's other rows (GUARD's unconditional
+and untouched-prompt rows) stay on SDPA, so at SD's 64×64 latents no attention matrix is materialised for them.
 """
 
 from __future__ import annotations
@@ -146,6 +147,8 @@ class GuardAttnProcessor:
             k = attn.norm_k(k)
         if not (st.captures(self.name) or st.spike is not None):
             out = self._sdpa_edits(attn, q, k, v, attention_mask)  # mask / logit scale only: stay on SDPA
+        elif self._spike_rows_only(attention_mask):
+            out = self._split(attn, q, k, v)
         else:
             out = self._explicit(attn, q, k, v, attention_mask, B)
         out = out.transpose(1, 2).reshape(B, N, H * d)
@@ -173,6 +176,28 @@ class GuardAttnProcessor:
             mask = am if mask is None else am.masked_fill(~mask, float("-inf"))
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=attn.scale)
 
+    def _spike_rows_only(self, attention_mask) -> bool:
+        """The only work here is the spike edit on some rows: nothing captured, no mask, no other edit."""
+        st = self.state
+        return (st.spike is not None and st.edits(self.name) and not st.captures(self.name)
+                and attention_mask is None and st.token_mask is None and st.token_logit_scale is None)
+
+    def _split(self, attn, q, k, v):
+        """Explicit attention with the spike edit on the spike rows; SDPA (untouched, as in plain CFG) on the rest."""
+        import torch.nn.functional as F
+
+        rows = self.state.spike.rows.to(q.device)
+        if not bool(rows.any()):
+            return F.scaled_dot_product_attention(q, k, v, scale=attn.scale)
+        S = (q[rows] @ k[rows].transpose(-1, -2)).float() * attn.scale  # (R, H, N, T)
+        edited = (self._spike_edit(S, rows).softmax(-1).to(v.dtype) @ v[rows])
+        if bool(rows.all()):
+            return edited
+        out = torch.empty(q.shape[:-1] + v.shape[-1:], dtype=v.dtype, device=v.device)
+        out[rows] = edited
+        out[~rows] = F.scaled_dot_product_attention(q[~rows], k[~rows], v[~rows], scale=attn.scale)
+        return out
+
     def _explicit(self, attn, q, k, v, attention_mask, B):
         S = (q @ k.transpose(-1, -2)).float() * attn.scale  # (B, H, N, T)
         if attention_mask is not None:
@@ -186,27 +211,32 @@ class GuardAttnProcessor:
 
     def _edit(self, S: torch.Tensor) -> torch.Tensor:
         st = self.state
-        B, H, N, T = S.shape
         if st.spike is not None and bool(st.spike.rows.any()):
             rows = st.spike.rows.to(S.device)
-            sub = S[rows].reshape(-1, N, T)  # ((sel·H), N, T): one statistic per (sample, head), as GUARD
-            spikes = spike_mask(sub, st.spike.tau)
-            heads = (st.spike.heads or {}).get(self.name)
-            if heads is not None:  # dynamic head selection: spikes only in the chosen heads
-                spikes = spikes & heads.to(S.device)[rows].reshape(-1, 1)
-            self.state.spikes_fired[self.name] = spikes.view(-1, H, T).sum(-1).float().mean(-1).detach()
-            if st.spike.penalty is not None:
-                edited = sub + spikes[:, None, :].to(S.dtype) * st.spike.penalty
-            else:
-                s = torch.tensor(st.spike.scale, dtype=S.dtype, device=S.device)
-                edited = sub * torch.where(spikes, s, 1.0)[:, None, :]
             S = S.clone()
-            S[rows] = edited.view(-1, H, N, T)
+            S[rows] = self._spike_edit(S[rows], rows)
         if st.token_logit_scale is not None:
             S = S * st.token_logit_scale.to(S)[:, None, None, :]
         if st.token_mask is not None:
             S = S.masked_fill(~st.token_mask.to(S.device)[:, None, None, :], float("-inf"))
         return S
+
+    def _spike_edit(self, sub: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """GUARD's attenuation on the logits (R, H, N, T) of the spike rows (`rows`: their (B,) mask)."""
+        st = self.state
+        R, H, N, T = sub.shape
+        flat = sub.reshape(-1, N, T)  # ((R·H), N, T): one statistic per (sample, head), as GUARD
+        spikes = spike_mask(flat, st.spike.tau)
+        heads = (st.spike.heads or {}).get(self.name)
+        if heads is not None:  # dynamic head selection: spikes only in the chosen heads
+            spikes = spikes & heads.to(sub.device)[rows].reshape(-1, 1)
+        st.spikes_fired[self.name] = spikes.view(-1, H, T).sum(-1).float().mean(-1).detach()
+        if st.spike.penalty is not None:
+            edited = flat + spikes[:, None, :].to(flat.dtype) * st.spike.penalty
+        else:
+            s = torch.tensor(st.spike.scale, dtype=flat.dtype, device=flat.device)
+            edited = flat * torch.where(spikes, s, 1.0)[:, None, :]
+        return edited.view(R, H, N, T)
 
     def _capture(self, P: torch.Tensor) -> None:
         st = self.state
