@@ -19,6 +19,8 @@ Measured:
 from __future__ import annotations
 
 import argparse
+import gc
+import json
 import os
 import statistics
 import subprocess
@@ -172,6 +174,13 @@ class _NoAcc:
     num_processes, is_main_process, process_index = 1, True, 0
 
 
+def paired_ratio(times: dict[str, list[float]], base: str) -> dict[str, float]:
+    """Median over rounds of each arm's time ÷ the base arm's time in the same round: a slow drift of the machine
+    (a shared host's load, clock changes) moves both halves of a pair alike, so it cancels where a ratio of medians
+    would carry it."""
+    return {a: round(statistics.median(x / b for x, b in zip(v, times[base])), 4) for a, v in times.items()}
+
+
 def time_train(pipe, layer: str, arms: list[str], rounds: int, device: str, dtype) -> dict:
     runners = {a: TrainArm(pipe, a, layer, device, dtype) for a in arms}
     for r in runners.values():  # warm-up (allocator, kernels)
@@ -186,58 +195,144 @@ def time_train(pipe, layer: str, arms: list[str], rounds: int, device: str, dtyp
             times[a].append(time.perf_counter() - t0)
     med = {a: statistics.median(v) for a, v in times.items()}
     return {"median_step_s": {a: round(v, 4) for a, v in med.items()},
-            "ratio_vs_plain": {a: round(v / med["plain"], 4) for a, v in med.items()}}
+            "ratio_vs_plain": {a: round(v / med["plain"], 4) for a, v in med.items()},
+            "paired_ratio_vs_plain": paired_ratio(times, "plain"), "per_round_s": _rounded(times)}
 
 
-def peak_train(size: str, arm: str, device: str, dtype_name: str) -> float:
-    """Peak memory (GiB) of 2 training steps of one arm: CUDA's allocator peak, or a child process's peak RSS."""
+def _rounded(times: dict) -> dict:
+    return {k: [round(x, 4) for x in v] for k, v in times.items()}
+
+
+def _proc_status_gib(field: str) -> float:
+    """A field of /proc/self/status (VmRSS, VmHWM), in GiB."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith(field + ":"):
+            return int(line.split()[1]) / 2**20  # kB -> GiB
+    raise KeyError(field)
+
+
+def cpu_step_peak(size: str, arm: str, dtype_name: str) -> dict:
+    """In this process: build the models and the arm, reset the kernel's peak-RSS mark (clear_refs 5), run 2
+    training steps, and return the resident size before the steps and the peak during them (GiB). Resetting the
+    mark keeps the model build's own transient peak (random init, the arm's UNet copy) out of the measurement."""
+    pipe = build(size, "cpu", DTYPES[dtype_name])
+    r = TrainArm(pipe, arm, SIZES[size]["filter_layer"], "cpu", DTYPES[dtype_name])
+    gc.collect()
+    Path("/proc/self/clear_refs").write_text("5")
+    before = _proc_status_gib("VmRSS")
+    r.step()
+    r.step()
+    return {"resident_before_steps": before, "peak_during_steps": _proc_status_gib("VmHWM")}
+
+
+def peak_train(size: str, arm: str, device: str, dtype_name: str) -> dict:
+    """Peak memory (GiB) of 2 training steps of one arm: CUDA's allocator peak, or — on the CPU — the peak RSS of a
+    child process (one per arm, so arms do not share an allocator) during its steps."""
     if device == "cuda":
         pipe = build(size, device, DTYPES[dtype_name])
         r = TrainArm(pipe, arm, SIZES[size]["filter_layer"], device, DTYPES[dtype_name])
+        before = torch.cuda.memory_allocated() / 2**30
         _peak_reset(device)
         r.step()
         r.step()
-        return _peak(device)
-    code = (f"import sys, resource; sys.argv=['x']; sys.path[:0]={[str(ROOT / 'benchmarks'), str(ROOT)]!r}; "
-            f"import real_shape as m; p=m.build({size!r}, 'cpu', m.DTYPES[{dtype_name!r}]); "
-            f"r=m.TrainArm(p, {arm!r}, m.SIZES[{size!r}]['filter_layer'], 'cpu', m.DTYPES[{dtype_name!r}]); "
-            f"r.step(); r.step(); print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)")
+        return {"resident_before_steps": before, "peak_during_steps": _peak(device)}
+    code = (f"import sys, json; sys.argv=['x']; sys.path[:0]={[str(ROOT / 'benchmarks'), str(ROOT)]!r}; "
+            f"import real_shape as m; print(json.dumps(m.cpu_step_peak({size!r}, {arm!r}, {dtype_name!r})))")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
-    return int(out.strip().splitlines()[-1]) / 2**20  # KiB -> GiB
+    return json.loads(out.strip().splitlines()[-1])
+
+
+def denoise_once(eng: GuidanceEngine, method: str, k: int, device: str, record: tuple = ()) -> float:
+    """Seconds for k denoising steps of one prompt through the engine (prompt encoding included, no decode)."""
+    px = SIZES_PX[id(eng.pipe)]
+    ctx = eng._context([PROMPT], [0], [PROMPT], 1, [0], k, px, px)
+    strategy = get_strategy(method)
+    eng.start_recording(ctx, record)
+    _sync(device)
+    t0 = time.perf_counter()
+    try:
+        strategy.prepare(ctx)
+        eng.run(ctx, strategy)
+    finally:
+        eng.clear_attention()
+    _sync(device)
+    return time.perf_counter() - t0
+
+
+def profile_denoise(pipe, methods: list[str], device: str, top: int = 12) -> dict:
+    """torch.profiler over one denoising step per method: total, the ops with the most self time, and — for each
+    method after the first — the ops it calls more often than the first does (its own code's ops, as opposed to
+    the UNet's ops run on more rows), to say where a method's extra cost goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    eng = GuidanceEngine(pipe, max_batch=8)
+    acts = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device == "cuda" else [])
+    out = {}
+    for m in methods:
+        denoise_once(eng, m, 1, device)  # warm-up
+        with profile(activities=acts) as prof:
+            denoise_once(eng, m, 1, device)
+        ev = sorted(prof.key_averages(), key=lambda e: e.self_cpu_time_total, reverse=True)
+        ops = {e.key: {"self_cpu_ms": round(e.self_cpu_time_total / 1e3, 1), "calls": e.count} for e in ev}
+        out[m] = {"self_cpu_total_ms": round(sum(e.self_cpu_time_total for e in ev) / 1e3, 1),
+                  "top_ops": dict(list(ops.items())[:top]), "_ops": ops}
+    first = out[methods[0]]["_ops"]
+    for m in methods[1:]:
+        # the extra calls' share of an op's self time (an op the first method never calls: all of it)
+        extra = {k: {**v, "extra_calls": v["calls"] - first.get(k, {"calls": 0})["calls"],
+                     "extra_ms": round(v["self_cpu_ms"] * (1 - first.get(k, {"calls": 0})["calls"] / v["calls"]), 1)}
+                 for k, v in out[m]["_ops"].items() if v["calls"] > first.get(k, {"calls": 0})["calls"]}
+        out[m][f"extra_ops_vs_{methods[0]}"] = {k: v for k, v in extra.items() if v["extra_ms"] >= 0.5}
+        out[m][f"extra_ops_vs_{methods[0]}_ms"] = round(sum(v["extra_ms"] for v in extra.values()), 1)
+    for v in out.values():
+        del v["_ops"]
+    return out
 
 
 def time_denoise(pipe, methods: list[str], steps: int, rounds: int, device: str) -> dict:
     eng = GuidanceEngine(pipe, max_batch=8)
-    px = SIZES_PX[id(pipe)]
 
     def once(method: str, record: tuple = (), k: int = steps) -> float:
-        ctx = eng._context([PROMPT], [0], [PROMPT], 1, [0], k, px, px)
-        strategy = get_strategy(method)
-        eng.start_recording(ctx, record)
+        return denoise_once(eng, method, k, device, record)
+
+    u = pipe.unet
+    c = u.config
+    z = torch.randn(3, c.in_channels, c.sample_size, c.sample_size, device=device, dtype=u.dtype)
+    emb = torch.randn(3, 77, c.cross_attention_dim, device=device, dtype=u.dtype)
+
+    @torch.no_grad()
+    def bare(b: int) -> float:  # one UNet forward on b rows, nothing of ours around it
         _sync(device)
         t0 = time.perf_counter()
-        try:
-            strategy.prepare(ctx)
-            eng.run(ctx, strategy)
-        finally:
-            eng.clear_attention()
+        u(z[:b], 500, emb[:b])
         _sync(device)
         return time.perf_counter() - t0
 
     once("cfg", k=1)  # warm-up
+    bare(2), bare(3)
     times = {m: [] for m in methods}
     det = {"cfg_1step": [], "detect_1step": []}
+    rows = {2: [], 3: []}
     for _ in range(rounds):
         for m in methods:
             times[m].append(once(m))
         det["cfg_1step"].append(once("cfg", k=1))
         det["detect_1step"].append(once("cfg", ("attention", "diff", "end_maps"), k=1))
+        for b in rows:
+            rows[b].append(bare(b))
     med = {m: statistics.median(v) for m, v in times.items()}
     dmed = {k: statistics.median(v) for k, v in det.items()}
+    rmed = {b: statistics.median(v) for b, v in rows.items()}
     return {"median_s": {m: round(v, 4) for m, v in med.items()},
             "ratio_vs_cfg": {m: round(v / med["cfg"], 4) for m, v in med.items()},
+            "paired_ratio_vs_cfg": paired_ratio(times, "cfg"), "per_round_s": _rounded(times),
+            # GUARD runs 3 UNet rows per step where CFG runs 2: the bare batch-3 ÷ batch-2 forward is its floor
+            "bare_unet_forward_s": {f"batch_{b}": round(v, 4) for b, v in rmed.items()},
+            "bare_batch3_over_batch2": round(rmed[3] / rmed[2], 4),
+            "bare_batch3_over_batch2_paired": paired_ratio({"b2": rows[2], "b3": rows[3]}, "b2")["b3"],
             "detection": {**{k: round(v, 4) for k, v in dmed.items()},
-                          "ratio": round(dmed["detect_1step"] / dmed["cfg_1step"], 4)}}
+                          "ratio": round(dmed["detect_1step"] / dmed["cfg_1step"], 4),
+                          "paired_ratio": paired_ratio(det, "cfg_1step")["detect_1step"]}}
 
 
 SIZES_PX: dict[int, int] = {}
@@ -251,7 +346,9 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--steps", type=int, default=2, help="DDIM steps per denoising measurement")
     ap.add_argument("--methods", default="cfg,guard,guard_attn,ren,jain_dynamic")
-    ap.add_argument("--parts", default="train,denoise", help="train, denoise, memory (CPU: a child per arm)")
+    ap.add_argument("--parts", default="train,denoise",
+                    help="train, denoise, memory (CPU: a child per arm), profile (one step of --profile-methods)")
+    ap.add_argument("--profile-methods", default="cfg,guard")
     ap.add_argument("--out", default="")
     a = ap.parse_args(argv)
     parts = set(a.parts.split(","))
@@ -269,13 +366,20 @@ def main(argv: list[str] | None = None) -> int:
     if "train" in parts:
         res["train"] = time_train(pipe, SIZES[a.size]["filter_layer"], arms, a.rounds, a.device, dtype)
     if "memory" in parts:
-        peaks = {arm: peak_train(a.size, arm, a.device, a.dtype) for arm in arms}
+        mem = {arm: peak_train(a.size, arm, a.device, a.dtype) for arm in arms}
+        peaks = {k: v["peak_during_steps"] for k, v in mem.items()}
+        extra = {k: v["peak_during_steps"] - v["resident_before_steps"] for k, v in mem.items()}
         res["peak_memory_gib"] = {k: round(v, 3) for k, v in peaks.items()}
         res["peak_memory_ratio_vs_plain"] = {k: round(v / peaks["plain"], 4) for k, v in peaks.items()}
-        res["peak_memory_how"] = ("torch.cuda.max_memory_allocated" if a.device == "cuda" else
-                                  "peak RSS of a child process per arm (model build included)")
+        res["step_memory_above_resident_gib"] = {k: round(v, 3) for k, v in extra.items()}
+        res["step_memory_above_resident_ratio_vs_plain"] = {k: round(v / extra["plain"], 4) for k, v in extra.items()}
+        res["peak_memory_how"] = (
+            "torch.cuda.max_memory_allocated over 2 steps, reset after the build" if a.device == "cuda" else
+            "peak RSS (VmHWM) of a child process per arm over 2 steps, the mark reset after the build (clear_refs)")
     if "denoise" in parts:
         res["denoise"] = time_denoise(pipe, a.methods.split(","), a.steps, a.rounds, a.device)
+    if "profile" in parts:
+        res["profile_one_step"] = profile_denoise(pipe, a.profile_methods.split(","), a.device)
     res["wall_s"] = round(time.perf_counter() - t0, 1)
     return emit(res, a.out)
 
