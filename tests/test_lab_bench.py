@@ -97,17 +97,22 @@ def test_verdict_judges_copy_rate_top1_and_alignment_each_beyond_the_seed_spread
                                   "alignment": "n/a"}
 
 
-def test_results_headline_table_is_replaced_between_its_markers():
-    from guard_train.lab.bench import HEADLINE_END, HEADLINE_START, replace_headline
+def test_docs_tables_are_replaced_between_their_markers():
+    from guard_train.lab.bench import HEADLINE_END, HEADLINE_START, TABLE_END, TABLE_START, replace_marked
 
     text = f"intro\n{HEADLINE_START}\nold | table\n{HEADLINE_END}\noutro\n"
-    assert replace_headline(text, "| new |") == f"intro\n{HEADLINE_START}\n| new |\n{HEADLINE_END}\noutro\n"
-    with pytest.raises(ValueError, match="results page needs one"):
-        replace_headline("no markers here", "| new |")
-    with pytest.raises(ValueError, match="results page needs one"):
-        replace_headline(f"{HEADLINE_END}\n{HEADLINE_START}", "| new |")
-    readme = (ROOT / "docs" / "results.md").read_text()  # the real page carries the markers --docs writes between
-    assert readme.count(HEADLINE_START) == 1 and readme.count(HEADLINE_END) == 1
+    assert replace_marked(text, "| new |") == f"intro\n{HEADLINE_START}\n| new |\n{HEADLINE_END}\noutro\n"
+    page = f"# hand-written\ncurves\n{TABLE_START}\nold\n{TABLE_END}\nmore hand-written\n"
+    assert replace_marked(page, "new", TABLE_START, TABLE_END) == \
+        f"# hand-written\ncurves\n{TABLE_START}\nnew\n{TABLE_END}\nmore hand-written\n"
+    for bad in ("no markers here", f"{HEADLINE_END}\n{HEADLINE_START}", text + HEADLINE_END):
+        with pytest.raises(ValueError, match="page needs one"):
+            replace_marked(bad, "| new |")
+    # the real pages carry the markers --docs writes between (lab-results.md's hand-written sections survive it)
+    pages = {"results.md": (HEADLINE_START, HEADLINE_END), "lab-results.md": (TABLE_START, TABLE_END)}
+    for page, (start, end) in pages.items():
+        text = (ROOT / "docs" / page).read_text()
+        assert text.count(start) == 1 and text.count(end) == 1 and text.index(start) < text.index(end)
 
 
 def test_cells_are_keyed_by_the_weights_not_the_path(tmp_path, tiny_sd_dir):

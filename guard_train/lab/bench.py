@@ -579,14 +579,17 @@ def headline(results: dict) -> str:
 
 HEADLINE_START, HEADLINE_END = "<!-- lab-headline: start (written by guard-train lab --docs) -->", \
     "<!-- lab-headline: end -->"
+# docs/lab-results.md also holds hand-written sections (trade-off curves, copying regime): --docs rewrites only this
+TABLE_START, TABLE_END = "<!-- lab-table: start (written by guard-train lab --docs) -->", "<!-- lab-table: end -->"
 
 
-def replace_headline(text: str, table: str) -> str:
-    """Put `table` between the headline markers of docs/results.md; the text must hold both markers once, in order."""
-    i, j = text.find(HEADLINE_START), text.find(HEADLINE_END)
-    if i < 0 or j < i or text.count(HEADLINE_START) != 1:
-        raise ValueError(f"the results page needs one '{HEADLINE_START}' line followed by '{HEADLINE_END}'")
-    return text[:i + len(HEADLINE_START)] + "\n" + table + "\n" + text[j:]
+def replace_marked(text: str, block: str, start: str = HEADLINE_START, end: str = HEADLINE_END) -> str:
+    """Put `block` between the `start` and `end` marker lines of a docs page, keeping everything around them; the
+    text must hold each marker once, in order."""
+    i, j = text.find(start), text.find(end)
+    if i < 0 or j < i or text.count(start) != 1 or text.count(end) != 1:
+        raise ValueError(f"the page needs one '{start}' line followed by one '{end}'")
+    return text[:i + len(start)] + "\n" + block + "\n" + text[j:]
 
 
 def plots(results: dict, cells: list[dict], out: Path) -> None:

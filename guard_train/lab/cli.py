@@ -139,7 +139,7 @@ def lab_cmd(args) -> int:
 
     from guard_train.config.loader import resolve_model_path
     from guard_train.config.paths import PathError, check_out_dir, mark_ours
-    from guard_train.lab.bench import replace_headline, run_lab
+    from guard_train.lab.bench import TABLE_END, TABLE_START, replace_marked, run_lab
 
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     try:  # a rerun continues in its own --out (cells/, results.json); a user's folder is refused
@@ -159,11 +159,11 @@ def lab_cmd(args) -> int:
     mark_ours(out)
     cmd = "guard-train " + " ".join(shlex.quote(a) for a in sys.argv[1:])
     md = (out / "lab-results.md").read_text()
-    header = (f"# Lab benchmark results\n\nCommand: `{cmd}`. Wall time: {res['wall_s_cells'] / 60:.1f} min summed "
-              f"over the {res['cells_total']} (arm, seed) cells; "
-              f"this invocation {res['wall_s_this_invocation'] / 60:.1f}"
-              f" min ({res['cells_reused']} cells reused from an earlier invocation of the same settings).\n\n")
-    (out / "lab-results.md").write_text(header + md)
+    how = (f"Command: `{cmd}`. Wall time: {res['wall_s_cells'] / 60:.1f} min summed "
+           f"over the {res['cells_total']} (arm, seed) cells; "
+           f"this invocation {res['wall_s_this_invocation'] / 60:.1f}"
+           f" min ({res['cells_reused']} cells reused from an earlier invocation of the same settings).\n\n")
+    (out / "lab-results.md").write_text("# Lab benchmark results\n\n" + how + md)
     if args.docs:
         figs = ROOT_DIR / "docs" / "figures"
         for f in ("tradeoff.png", "over_training.png"):
@@ -174,15 +174,17 @@ def lab_cmd(args) -> int:
         grids.mkdir(parents=True, exist_ok=True)
         for g in sorted((out / "grids").glob("*.png")):  # JPEG copies (a quarter of the size)
             Image.open(g).convert("RGB").save(grids / f"lab_grid_{g.stem}.jpg", "JPEG", quality=92)
-        text = header + md.replace("`tradeoff.png`", "`docs/figures/lab_tradeoff.png`").replace(
+        text = how + md.replace("`tradeoff.png`", "`docs/figures/lab_tradeoff.png`").replace(
             "`over_training.png`", "`docs/figures/lab_over_training.png`").replace(
             "`grids/`", "`results/figures/lab_grid_*`")
-        (ROOT_DIR / "docs" / "lab-results.md").write_text(text)
-        results = ROOT_DIR / "docs" / "results.md"  # the headline table lives there, not in README
-        try:
-            results.write_text(replace_headline(results.read_text(), (out / "headline.md").read_text().rstrip()))
-        except ValueError as e:
-            print(f"warning: docs/results.md headline table not updated: {e}", file=sys.stderr)
+        # both pages hold hand-written sections too: only the marked blocks are rewritten
+        for page, block, marks in (("lab-results.md", text.rstrip(), (TABLE_START, TABLE_END)),
+                                   ("results.md", (out / "headline.md").read_text().rstrip(), ())):
+            path = ROOT_DIR / "docs" / page
+            try:
+                path.write_text(replace_marked(path.read_text(), block, *marks))
+            except ValueError as e:
+                print(f"warning: docs/{page} not updated ({e}); the table is in {out}", file=sys.stderr)
     print(md)
     print(f"wrote {out}/results.json, lab-results.md, headline.md, tradeoff.png, over_training.png, grids/ "
           f"({(time.time() - t0) / 60:.1f} min)")
