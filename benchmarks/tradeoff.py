@@ -4,6 +4,8 @@ its guidance scale as the reference curve (issue 20, item 2).
     python benchmarks/tradeoff.py --lora models/tiny-sd-v-memorized-lora --out runs/tradeoff.jsonl \
         [--dup-images 40] [--other-images 8] [--steps 25] [--guidance 3] [--methods cfg,guard,...] [--dry]
 
+`--lora` is a built LoRA (lab_config.json and build_info.json beside the weights) or a training run's `final/`
+(e.g. `runs/copying/runs/plain/final`: its base from base_model.txt, its lab from the run's data/lab_config.json).
 The lab is the LoRA's own (rebuilt from its lab_config.json), scored by the product's evaluator
 (`guard_train.eval.evaluate`): copy rate = top-1 SSCD over every training row > 0.5 (Wilson 95 % interval),
 own-copy rate, top-1 mean/p95, lab alignment. Prompts: every duplicated caption × `--dup-images` (8 × 40 = 320
@@ -78,6 +80,16 @@ def prompt_sets(pset: PromptSet) -> dict[str, PromptSet]:
     return {"dup": sub(lambda g: g == "duplicated"), "other": sub(lambda g: g != "duplicated")}
 
 
+def lab_config_dir(lora: Path) -> Path:
+    """Where the LoRA's lab_config.json is: beside the weights (a built model), or in the run's data/ when `lora` is a
+    training run's final/ directory."""
+    for d in (lora, lora.parent / "data"):
+        if (d / "lab_config.json").is_file():
+            return d
+    raise SystemExit(f"no lab_config.json beside {lora} or in {lora.parent / 'data'}: the sweep needs the lab the LoRA "
+                     f"was trained on")
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--lora", default="models/tiny-sd-v-memorized-lora")
@@ -100,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     base = lora_base_model(str(lora)) or "models/tiny-sd"
     data = Path(a.work) / "lab"
     if not (data / "manifest.jsonl").exists():
-        write_imagefolder(build_lab(read_lab_config(lora)), data)
+        write_imagefolder(build_lab(read_lab_config(lab_config_dir(lora))), data)
     ref, pset = reference_and_prompts(data, a.prompts_per_group, 0)
     sets = prompt_sets(pset)
     pipe = load_pipeline(str(base if Path(base).exists() else ROOT / base))

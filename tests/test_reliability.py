@@ -374,3 +374,16 @@ def test_a_lora_on_a_base_of_another_prediction_type_is_refused(tmp_path):
     bare.mkdir()
     shutil.copy(lora / "pytorch_lora_weights.safetensors", bare)
     load_lora(load_pipeline(str(ROOT / "models" / "tiny-sd")), str(bare))
+
+
+def test_the_base_of_a_lora_comes_from_build_info_or_a_training_runs_base_model_txt(tmp_path):
+    from guard_train.models.loading import lora_base_model
+
+    assert lora_base_model(str(ROOT / "models" / "tiny-sd-v-memorized-lora")) == "models/tiny-sd-v"
+    final = tmp_path / "run" / "final"  # what the trainer exports for a LoRA run
+    final.mkdir(parents=True)
+    assert lora_base_model(str(final)) is None
+    (final / "base_model.txt").write_text("models/tiny-sd-v\n")
+    assert lora_base_model(str(final)) == "models/tiny-sd-v"
+    (final / "build_info.json").write_text(json.dumps({"base_model": "other/base"}))  # the build record wins
+    assert lora_base_model(str(final)) == "other/base"

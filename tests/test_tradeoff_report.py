@@ -44,3 +44,19 @@ def test_sweeps_without_per_prompt_rows_are_refused():
     del row["per_prompt_dup"]
     with pytest.raises(ValueError, match="no per-prompt rows"):
         tr.validated({"cfg": [row]}, 3.0)
+
+
+def test_sweep_finds_the_lab_beside_a_built_lora_or_in_a_training_runs_data(tmp_path):
+    import tradeoff
+
+    built = tmp_path / "built"
+    built.mkdir()
+    (built / "lab_config.json").write_text("{}")
+    assert tradeoff.lab_config_dir(built) == built
+    final = tmp_path / "run" / "final"  # a training run: run/final/ weights, run/data/lab_config.json
+    final.mkdir(parents=True)
+    with pytest.raises(SystemExit, match="no lab_config.json"):
+        tradeoff.lab_config_dir(final)
+    (tmp_path / "run" / "data").mkdir()
+    (tmp_path / "run" / "data" / "lab_config.json").write_text("{}")
+    assert tradeoff.lab_config_dir(final) == tmp_path / "run" / "data"

@@ -128,8 +128,13 @@ def _build_info(path: str) -> dict:
 
 
 def lora_base_model(path: str) -> str | None:
-    """The base a LoRA was trained on, as its build_info.json records it, else None."""
-    return _build_info(path).get("base_model")
+    """The base a LoRA was trained on: its build_info.json's (our build scripts), else the base_model.txt a training
+    run writes beside its final weights, else None."""
+    base = _build_info(path).get("base_model")
+    txt = Path(path) / "base_model.txt"
+    if base is None and txt.is_file():
+        base = txt.read_text().strip() or None
+    return base
 
 
 def check_lora_base(pipe: StableDiffusionPipeline, path: str) -> None:
