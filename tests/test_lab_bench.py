@@ -101,13 +101,14 @@ def test_docs_tables_are_replaced_between_their_markers():
     from guard_train.lab.bench import HEADLINE_END, HEADLINE_START, TABLE_END, TABLE_START, replace_marked
 
     text = f"intro\n{HEADLINE_START}\nold | table\n{HEADLINE_END}\noutro\n"
-    assert replace_marked(text, "| new |") == f"intro\n{HEADLINE_START}\n| new |\n{HEADLINE_END}\noutro\n"
+    assert replace_marked(text, "| new |", HEADLINE_START, HEADLINE_END) == \
+        f"intro\n{HEADLINE_START}\n| new |\n{HEADLINE_END}\noutro\n"
     page = f"# hand-written\ncurves\n{TABLE_START}\nold\n{TABLE_END}\nmore hand-written\n"
     assert replace_marked(page, "new", TABLE_START, TABLE_END) == \
         f"# hand-written\ncurves\n{TABLE_START}\nnew\n{TABLE_END}\nmore hand-written\n"
     for bad in ("no markers here", f"{HEADLINE_END}\n{HEADLINE_START}", text + HEADLINE_END):
         with pytest.raises(ValueError, match="page needs one"):
-            replace_marked(bad, "| new |")
+            replace_marked(bad, "| new |", HEADLINE_START, HEADLINE_END)
     # the real pages carry the markers --docs writes between (lab-results.md's hand-written sections survive it)
     pages = {"results.md": (HEADLINE_START, HEADLINE_END), "lab-results.md": (TABLE_START, TABLE_END)}
     for page, (start, end) in pages.items():

@@ -583,7 +583,7 @@ HEADLINE_START, HEADLINE_END = "<!-- lab-headline: start (written by guard-train
 TABLE_START, TABLE_END = "<!-- lab-table: start (written by guard-train lab --docs) -->", "<!-- lab-table: end -->"
 
 
-def replace_marked(text: str, block: str, start: str = HEADLINE_START, end: str = HEADLINE_END) -> str:
+def replace_marked(text: str, block: str, start: str, end: str) -> str:
     """Put `block` between the `start` and `end` marker lines of a docs page, keeping everything around them; the
     text must hold each marker once, in order."""
     i, j = text.find(start), text.find(end)

@@ -139,7 +139,7 @@ def lab_cmd(args) -> int:
 
     from guard_train.config.loader import resolve_model_path
     from guard_train.config.paths import PathError, check_out_dir, mark_ours
-    from guard_train.lab.bench import TABLE_END, TABLE_START, replace_marked, run_lab
+    from guard_train.lab.bench import HEADLINE_END, HEADLINE_START, TABLE_END, TABLE_START, replace_marked, run_lab
 
     split = lambda s: [x.strip() for x in s.split(",") if x.strip()]  # noqa: E731
     try:  # a rerun continues in its own --out (cells/, results.json); a user's folder is refused
@@ -178,11 +178,12 @@ def lab_cmd(args) -> int:
             "`over_training.png`", "`docs/figures/lab_over_training.png`").replace(
             "`grids/`", "`results/figures/lab_grid_*`")
         # both pages hold hand-written sections too: only the marked blocks are rewritten
-        for page, block, marks in (("lab-results.md", text.rstrip(), (TABLE_START, TABLE_END)),
-                                   ("results.md", (out / "headline.md").read_text().rstrip(), ())):
+        for page, block, start, end in (
+                ("lab-results.md", text.rstrip(), TABLE_START, TABLE_END),
+                ("results.md", (out / "headline.md").read_text().rstrip(), HEADLINE_START, HEADLINE_END)):
             path = ROOT_DIR / "docs" / page
             try:
-                path.write_text(replace_marked(path.read_text(), block, *marks))
+                path.write_text(replace_marked(path.read_text(), block, start, end))
             except ValueError as e:
                 print(f"warning: docs/{page} not updated ({e}); the table is in {out}", file=sys.stderr)
     print(md)
