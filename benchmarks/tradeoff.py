@@ -86,8 +86,8 @@ def lab_config_dir(lora: Path) -> Path:
     for d in (lora, lora.parent / "data"):
         if (d / "lab_config.json").is_file():
             return d
-    raise SystemExit(f"no lab_config.json beside {lora} or in {lora.parent / 'data'}: the sweep needs the lab the LoRA "
-                     f"was trained on")
+    raise FileNotFoundError(f"no lab_config.json beside {lora} or in {lora.parent / 'data'}: the sweep needs the lab "
+                            f"the LoRA was trained on (give --lora a built LoRA or a training run's final/)")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +112,12 @@ def main(argv: list[str] | None = None) -> int:
     base = lora_base_model(str(lora)) or "models/tiny-sd"
     data = Path(a.work) / "lab"
     if not (data / "manifest.jsonl").exists():
-        write_imagefolder(build_lab(read_lab_config(lab_config_dir(lora))), data)
+        try:
+            lab_dir = lab_config_dir(lora)
+        except FileNotFoundError as e:
+            print(f"error: --lora: {e}", file=sys.stderr)
+            return 2
+        write_imagefolder(build_lab(read_lab_config(lab_dir)), data)
     ref, pset = reference_and_prompts(data, a.prompts_per_group, 0)
     sets = prompt_sets(pset)
     pipe = load_pipeline(str(base if Path(base).exists() else ROOT / base))

@@ -55,8 +55,10 @@ def test_sweep_finds_the_lab_beside_a_built_lora_or_in_a_training_runs_data(tmp_
     assert tradeoff.lab_config_dir(built) == built
     final = tmp_path / "run" / "final"  # a training run: run/final/ weights, run/data/lab_config.json
     final.mkdir(parents=True)
-    with pytest.raises(SystemExit, match="no lab_config.json"):
+    with pytest.raises(FileNotFoundError, match="no lab_config.json"):
         tradeoff.lab_config_dir(final)
+    assert tradeoff.main(["--lora", str(final), "--work", str(tmp_path / "w"), "--out", str(tmp_path / "o.jsonl")]) == 2
+    assert not (tmp_path / "w").exists() and not (tmp_path / "o.jsonl").exists()  # nothing half-written
     (tmp_path / "run" / "data").mkdir()
     (tmp_path / "run" / "data" / "lab_config.json").write_text("{}")
     assert tradeoff.lab_config_dir(final) == tmp_path / "run" / "data"
