@@ -3,12 +3,13 @@ same LoRA, steps and seed on a lab shaped like SD's situation (few duplicated in
 ones), and the memorization callback measures each arm at the same steps with the standard copy rule.
 
     python benchmarks/copying_regime.py --out runs/copying [--steps 8000] [--eval-every 2000] [--parallel 6] \
-        [--arms plain,entropy_filter,...] [--checkpoint-every 1000] [--resume] [--dry]
+        [--arms plain,entropy_filter,...] [--checkpoint-every 1000] [--resume] [--dry] [--mode full [--lr 1e-4]]
 
 Design, fixed before running:
 * Base `models/tiny-sd-v` (v-prediction, zero terminal SNR) and the LoRA shape that made its committed memorizing
   LoRA copy (rank 32 on attention, proj, feed-forward and resnet convs; lr 1e-3; plain v-loss): what is known to
-  copy on this model.
+  copy on this model. `--mode full` fine-tunes the whole UNet instead (lr 1e-4, a fifth of the base's pretraining
+  peak; run dirs `<arm>__full`), the issue's "LoRA and full where the CPU allows".
 * Lab: 420 instances from cells split 2×2 (`data.lab.cell_split=2`), 2 % of them (8) planted ×16 (half near
   copies), 16 held-out captions: duplicates are 24 % of the 540 training rows.
 * Arms: `lab_bench.TRAIN_ARMS` (plain, entropy filter, magnitude filter, duplicate-aware sampling, the default pair,
@@ -39,12 +40,21 @@ TARGETS = "[to_q,to_k,to_v,to_out.0,proj_in,proj_out,ff.net.0.proj,ff.net.2,conv
 LAB = {"num_instances": 420, "cell_split": 2, "dup_fraction": 0.02, "dup_repeats": 16, "held_out": 16}
 
 
+LR = {"lora": 1e-3, "full": 1e-4}  # full: a fifth of the base's pretraining peak (5e-4), fixed before running
+
+
+def run_name(arm: str, mode: str) -> str:
+    """Run directory of an arm: full fine-tunes live beside the LoRA runs of the same arm, never over them."""
+    return _slug(arm) + ("__full" if mode == "full" else "")
+
+
 def overrides(arm: str, a: argparse.Namespace) -> list[str]:
-    kv = {"recipe": "tiny_nomit", "model.path": a.model, "train.mode": "lora", "train.lora_rank": 32,
-          "train.lora_alpha": 32, "train.lora_targets": TARGETS, "train.learning_rate": 1e-3,
-          "train.max_steps": a.steps, "train.batch_size": 16, "train.checkpoint_every": a.checkpoint_every,
+    lora = {"train.lora_rank": 32, "train.lora_alpha": 32, "train.lora_targets": TARGETS} if a.mode == "lora" else {}
+    kv = {"recipe": "tiny_nomit", "model.path": a.model, "train.mode": a.mode, **lora,
+          "train.learning_rate": a.lr or LR[a.mode], "train.max_steps": a.steps, "train.batch_size": 16,
+          "train.checkpoint_every": a.checkpoint_every,
           "train.checkpoints_total_limit": 1, "train.seed": a.seed,
-          "run.output_dir": str(Path(a.out) / "runs"), "run.name": _slug(arm),
+          "run.output_dir": str(Path(a.out) / "runs"), "run.name": run_name(arm, a.mode),
           **({"resume": "latest"} if a.resume else {"run.overwrite": "true"}),
           "run.report_to": "none", "summary.enabled": "false",
           "eval.every_n_steps": a.eval_every, "eval.methods": "[cfg]", "eval.guidance_scale": a.guidance,
@@ -59,11 +69,11 @@ def overrides(arm: str, a: argparse.Namespace) -> list[str]:
     return [f"{k}={v}" for k, v in kv.items()]
 
 
-def gather(out: Path, arms: list[str]) -> dict:
+def gather(out: Path, arms: list[str], mode: str = "lora") -> dict:
     """Every evaluation of every arm (memorization/<tag>/metrics.json), with the run's wall time per step."""
     res: dict = {}
     for arm in arms:
-        run = out / "runs" / _slug(arm)
+        run = out / "runs" / run_name(arm, mode)
         evals = []
         for m in sorted(run.glob("memorization/*/metrics.json")):
             h = json.loads(m.read_text())
@@ -77,7 +87,7 @@ def gather(out: Path, arms: list[str]) -> dict:
     return res
 
 
-def main(argv: list[str] | None = None) -> int:
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--out", default="runs/copying")
     ap.add_argument("--model", default="models/tiny-sd-v")
@@ -90,6 +100,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--gen-steps", type=int, default=25)
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument("--mode", choices=("lora", "full"), default="lora", help="LoRA (rank 32) or full UNet fine-tune")
+    ap.add_argument("--lr", type=float, default=0.0, help=f"learning rate (default per mode: {LR})")
     ap.add_argument("--parallel", type=int, default=6)
     ap.add_argument("--clusters", default="", help="clusters.jsonl of this lab for the duplicate-aware arms "
                     "(default: each such arm runs dedup at start, which needs faiss)")
@@ -98,7 +110,11 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--resume", action="store_true", help="continue each arm from its latest checkpoint (evaluations "
                     "already written stay; the resumed run equals an uninterrupted one)")
     ap.add_argument("--dry", action="store_true", help="a 24-instance lab: checks the plumbing")
-    a = ap.parse_args(argv)
+    return ap.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> int:
+    a = parse_args(argv)
     out = Path(a.out)
     (out / "logs").mkdir(parents=True, exist_ok=True)
     arms = a.arms.split(",")
@@ -111,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
     while queue or running:
         while queue and len(running) < a.parallel:
             arm = queue.pop(0)
-            log = open(out / "logs" / f"{_slug(arm)}.log", "w")
+            log = open(out / "logs" / f"{run_name(arm, a.mode)}.log", "w")
             running[arm] = (subprocess.Popen([sys.executable, str(ROOT / "train.py"), *overrides(arm, a)], cwd=ROOT,
                                              stdout=log, stderr=subprocess.STDOUT), log, time.perf_counter())
             print(f"[copying] started {arm}", flush=True)
@@ -128,10 +144,11 @@ def main(argv: list[str] | None = None) -> int:
             running.clear()
             queue.clear()
         time.sleep(2)
-    res = {"design": {"model": a.model, "lab": LAB, "lora_rank": 32, "lora_targets": TARGETS, "lr": 1e-3,
+    shape = {"lora_rank": 32, "lora_targets": TARGETS} if a.mode == "lora" else {}
+    res = {"design": {"model": a.model, "lab": LAB, "mode": a.mode, **shape, "lr": a.lr or LR[a.mode],
                       "steps": a.steps, "eval_every": a.eval_every, "guidance": a.guidance, "prompts": a.prompts,
                       "images": a.images, "gen_steps": a.gen_steps, "seed": a.seed, "dry": a.dry},
-           "wall_s": time.perf_counter() - t0, "arms": gather(out, arms),
+           "wall_s": time.perf_counter() - t0, "arms": gather(out, arms, a.mode),
            "command": "python benchmarks/copying_regime.py " + " ".join(sys.argv[1:] if argv is None else argv)}
     try:
         import torch
