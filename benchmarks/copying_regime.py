@@ -81,10 +81,17 @@ def gather(out: Path, arms: list[str], mode: str = "lora") -> dict:
                           "groups": h["methods"]["cfg"]["groups"],
                           "detection_auroc": h["methods"]["cfg"].get("detection_auroc_duplicated_vs_unique")})
         log = run / "metrics.jsonl"
-        last = json.loads(log.read_text().splitlines()[-1]) if log.exists() and log.read_text().strip() else {}
-        res[arm] = {"evals": sorted(evals, key=lambda e: e["step"]), "last_log": last,
-                    "finished": (run / "final").exists()}
+        lines = [json.loads(x) for x in log.read_text().splitlines() if x.strip()] if log.exists() else []
+        res[arm] = {"evals": sorted(evals, key=lambda e: e["step"]), "last_log": lines[-1] if lines else {},
+                    "train_wall_s": train_wall(lines), "finished": (run / "final").exists()}
     return res
+
+
+def train_wall(lines: list[dict]) -> float:
+    """Training wall time over every segment of a run: a resumed run's clock restarts at 0 (its lines continue the
+    kept ones), so each segment ends where `wall_s` drops, and the segments add up."""
+    walls = [x["wall_s"] for x in lines if "wall_s" in x]
+    return sum(a for a, b in zip(walls, walls[1:] + [0.0]) if b < a)
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

@@ -34,13 +34,14 @@ def sweeps(root: Path) -> dict[str, float]:
 
 
 def copying_arms(root: Path) -> dict[str, float]:
-    """Each arm's log wall time at its last step, plus the evaluation at that step (logged after the line)."""
+    """Each arm's training wall time (every segment of a resumed run; older records: the log's last wall time), plus
+    the evaluation at its last step (logged after the line)."""
     out = {}
     for f in sorted(root.glob("results/copying_regime_*.json")):
         for arm, rec in json.loads(f.read_text())["arms"].items():
             last = rec.get("last_log", {})
             tail = sum(e["wall_s_eval"] or 0.0 for e in rec["evals"] if e["step"] == last.get("step"))
-            out[f"{f.stem}:{arm}"] = last.get("wall_s", 0.0) + tail
+            out[f"{f.stem}:{arm}"] = rec.get("train_wall_s", last.get("wall_s", 0.0)) + tail
     return out
 
 

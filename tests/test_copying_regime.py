@@ -39,3 +39,11 @@ def test_gather_reads_the_mode_s_run(tmp_path):
     (tmp_path / "runs" / "plain").mkdir(parents=True)
     assert cr.gather(tmp_path, ["plain"], "full")["plain"]["finished"] is True
     assert cr.gather(tmp_path, ["plain"])["plain"]["finished"] is False
+
+
+def test_train_wall_adds_the_segments_of_a_resumed_run():
+    # first run logged to 450.6 s at its checkpoint (step 1000); the resumed run's clock restarted at 0
+    lines = [{"step": 990, "wall_s": 446.5}, {"step": 1000, "wall_s": 450.6}, {"step": 1010, "wall_s": 5.2},
+             {"step": 4000, "wall_s": 1335.1}, {"step": 4000, "loss": 0.1}]
+    assert cr.train_wall(lines) == pytest.approx(450.6 + 1335.1)
+    assert cr.train_wall(lines[:2]) == pytest.approx(450.6) and cr.train_wall([]) == 0.0
