@@ -51,7 +51,7 @@ def run_name(arm: str, mode: str) -> str:
 def overrides(arm: str, a: argparse.Namespace) -> list[str]:
     lora = {"train.lora_rank": 32, "train.lora_alpha": 32, "train.lora_targets": TARGETS} if a.mode == "lora" else {}
     kv = {"recipe": "tiny_nomit", "model.path": a.model, "train.mode": a.mode, **lora,
-          "train.learning_rate": a.lr or LR[a.mode], "train.max_steps": a.steps, "train.batch_size": 16,
+          "train.learning_rate": learning_rate(a), "train.max_steps": a.steps, "train.batch_size": 16,
           "train.checkpoint_every": a.checkpoint_every,
           "train.checkpoints_total_limit": 1, "train.seed": a.seed,
           "run.output_dir": str(Path(a.out) / "runs"), "run.name": run_name(arm, a.mode),
@@ -108,7 +108,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--max-batch", type=int, default=64)
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--mode", choices=("lora", "full"), default="lora", help="LoRA (rank 32) or full UNet fine-tune")
-    ap.add_argument("--lr", type=float, default=0.0, help=f"learning rate (default per mode: {LR})")
+    ap.add_argument("--lr", type=float, default=None, help=f"learning rate (default per mode: {LR})")
     ap.add_argument("--parallel", type=int, default=6)
     ap.add_argument("--clusters", default="", help="clusters.jsonl of this lab for the duplicate-aware arms "
                     "(default: each such arm runs dedup at start, which needs faiss)")
@@ -117,18 +117,25 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     ap.add_argument("--resume", action="store_true", help="continue each arm from its latest checkpoint (evaluations "
                     "already written stay; the resumed run equals an uninterrupted one)")
     ap.add_argument("--dry", action="store_true", help="a 24-instance lab: checks the plumbing")
-    return ap.parse_args(argv)
+    a = ap.parse_args(argv)
+    if a.lr is not None and not a.lr > 0:
+        ap.error(f"--lr must be > 0 (got {a.lr}); leave it out for the mode's default {LR[a.mode]}")
+    return a
+
+
+def learning_rate(a: argparse.Namespace) -> float:
+    return LR[a.mode] if a.lr is None else a.lr
 
 
 def main(argv: list[str] | None = None) -> int:
     a = parse_args(argv)
     out = Path(a.out)
-    (out / "logs").mkdir(parents=True, exist_ok=True)
     arms = a.arms.split(",")
     unknown = [x for x in arms if x not in TRAIN_ARMS]
     if unknown:
         print(f"unknown arm(s) {unknown}; arms: {list(TRAIN_ARMS)}", file=sys.stderr)
         return 2
+    (out / "logs").mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     queue, running = list(arms), {}
     while queue or running:
@@ -152,7 +159,7 @@ def main(argv: list[str] | None = None) -> int:
             queue.clear()
         time.sleep(2)
     shape = {"lora_rank": 32, "lora_targets": TARGETS} if a.mode == "lora" else {}
-    res = {"design": {"model": a.model, "lab": LAB, "mode": a.mode, **shape, "lr": a.lr or LR[a.mode],
+    res = {"design": {"model": a.model, "lab": LAB, "mode": a.mode, **shape, "lr": learning_rate(a),
                       "steps": a.steps, "eval_every": a.eval_every, "guidance": a.guidance, "prompts": a.prompts,
                       "images": a.images, "gen_steps": a.gen_steps, "seed": a.seed, "dry": a.dry},
            "wall_s": time.perf_counter() - t0, "arms": gather(out, arms, a.mode),

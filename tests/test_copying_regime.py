@@ -34,6 +34,14 @@ def test_explicit_lr_wins(tmp_path):
         == 3e-5
 
 
+def test_bad_input_exits_2_and_writes_nothing(tmp_path, capsys):
+    with pytest.raises(SystemExit) as e:
+        _args(tmp_path / "o", "--lr", "0")
+    assert e.value.code == 2 and "--lr must be > 0" in capsys.readouterr().err
+    assert cr.main(["--out", str(tmp_path / "o"), "--arms", "plain,nonsense"]) == 2
+    assert "unknown arm(s) ['nonsense']" in capsys.readouterr().err and not (tmp_path / "o").exists()
+
+
 def test_gather_reads_the_mode_s_run(tmp_path):
     (tmp_path / "runs" / "plain__full" / "final").mkdir(parents=True)
     (tmp_path / "runs" / "plain").mkdir(parents=True)
